@@ -1,0 +1,205 @@
+"""The ``fitfleet`` command.
+
+Heavy parts (torch, the engine) are imported inside the commands that need
+them, so ``fitfleet spec check`` answers instantly on a machine without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from shared.errors import DataError, Diverged, InvalidSpec, Stopped, TrainingError
+from shared.settings import get_settings
+from shared.spec import ExperimentSpec
+from shared.spec_io import load_spec_file, spec_json_schema
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 130
+
+err_console = Console(stderr=True)
+
+
+def _load_or_exit(path: Path) -> ExperimentSpec:
+    try:
+        return load_spec_file(path)
+    except InvalidSpec as exc:
+        err_console.print(f"[red]{path}: invalid spec ({len(exc.problems)} problems)[/]")
+        for problem in exc.problems:
+            err_console.print(f"  {problem.path}: {problem.message}", highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
+def main(verbose: bool) -> None:
+    """fitfleet: train image classifiers the fastai way."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.group()
+def spec() -> None:
+    """Check specs and print their schema."""
+
+
+@spec.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def spec_check(files: tuple[Path, ...]) -> None:
+    """Validate spec files; print every problem with its field path (exit 2)."""
+    bad = 0
+    for path in files:
+        try:
+            load_spec_file(path)
+        except InvalidSpec as exc:
+            bad += 1
+            err_console.print(f"[red]{path}: invalid ({len(exc.problems)} problems)[/]")
+            for problem in exc.problems:
+                err_console.print(f"  {problem.path}: {problem.message}", highlight=False)
+        else:
+            click.echo(f"{path}: ok")
+    if bad:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@spec.command("schema")
+def spec_schema() -> None:
+    """Print the JSON Schema of spec v1."""
+    click.echo(json.dumps(spec_json_schema(), indent=2))
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Run folder (default: a new one under $FITFLEET_HOME/runs).",
+)
+@click.option("--resume", is_flag=True, help="Continue from the run folder's latest checkpoint.")
+@click.option(
+    "--data-root",
+    "data_roots",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Allow reading data under this folder (repeatable; the current folder is allowed too).",
+)
+def train(spec_file: Path, out: Path | None, resume: bool, data_roots: tuple[Path, ...]) -> None:
+    """Run SPEC_FILE locally, with no services: epoch table, findings, plots, report."""
+    spec_obj = _load_or_exit(spec_file)
+    sys.exit(run_local(spec_obj, out=out, resume=resume, extra_roots=list(data_roots)))
+
+
+def run_local(
+    spec_obj: ExperimentSpec,
+    *,
+    out: Path | None,
+    resume: bool,
+    extra_roots: list[Path],
+    console: Console | None = None,
+) -> int:
+    """Train one spec in this process and print what happened; returns the exit code."""
+    from cli.console import ConsoleReporter
+    from cli.local_runs import make_resolver, new_run_id, runs_dir
+    from workers.training.diagnosis import format_findings
+    from workers.training.engine import EngineOptions, Runtime, choose_device, run_experiment
+
+    console = console or Console()
+    settings = get_settings()
+    if out is None:
+        if resume:
+            err_console.print("[red]--resume needs --out: the run folder to continue[/]")
+            return EXIT_BAD_INPUT
+        out = runs_dir(settings.home) / new_run_id(spec_obj.name)
+    roots = [*(r.resolve() for r in extra_roots), *settings.data_roots, Path.cwd()]
+    options = EngineOptions(
+        out_dir=out,
+        data_roots=roots,
+        weights_dir=settings.weights_path,
+        resume=resume,
+        resolve_run=make_resolver(settings.home),
+    )
+    reporter = ConsoleReporter(console, list(spec_obj.metrics))
+    runtime = Runtime(device=choose_device(spec_obj.resources.gpus))
+    console.print(f"run folder: {out}")
+    reporter.install_interrupt()
+    try:
+        report = run_experiment(spec_obj, options, reporter, runtime)
+    except DataError as exc:
+        err_console.print(f"[red]data error:[/] {exc}", highlight=False)
+        return EXIT_BAD_INPUT
+    except Diverged as exc:
+        err_console.print(f"[red]diverged:[/] {exc}", highlight=False)
+        return EXIT_FAILED
+    except Stopped as exc:
+        err_console.print(
+            f"[yellow]{exc}[/]\nresume with: fitfleet train SPEC --out {out} --resume"
+        )
+        return EXIT_STOPPED
+    except TrainingError as exc:
+        err_console.print(f"[red]failed:[/] {exc}", highlight=False)
+        return EXIT_FAILED
+    finally:
+        reporter.restore_interrupt()
+    console.print("\n[bold]findings[/]")
+    lines = format_findings(report.findings) or ["none: the run looks healthy"]
+    for line in lines:
+        console.print(f"  {line}", highlight=False)
+    if report.skipped_files:
+        console.print(f"\n{len(report.skipped_files)} files skipped (see report.json)")
+    console.print(f"\nreport: {out / 'report.json'}\nplots:  {out / 'plots'}")
+    return EXIT_OK
+
+
+@main.group()
+def data() -> None:
+    """Build datasets for demos and tests (nothing is downloaded)."""
+
+
+@data.command("digits")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--classes", default="3,7", show_default=True, help="Comma-separated digits.")
+@click.option("--size", default=28, show_default=True, type=int, help="Image side in pixels.")
+def data_digits(out: Path, classes: str, size: int) -> None:
+    """Write scikit-learn's bundled digits to OUT, laid out like fastai's MNIST_SAMPLE."""
+    from workers.training.digits import build_digits
+
+    try:
+        wanted = [int(c) for c in classes.split(",") if c.strip()]
+        counts = build_digits(out, classes=wanted, size=size)
+    except ValueError as exc:
+        err_console.print(f"[red]{exc}[/]")
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder.")
+def demo(out: Path | None) -> None:
+    """Build the digits data, then run the notes' two-stage recipe on it locally."""
+    from workers.training.digits import build_digits
+
+    settings = get_settings()
+    dataset = settings.data_roots[0] / "digits"
+    if not dataset.exists():
+        click.echo(f"building digits 3 vs 7 in {dataset}")
+        build_digits(dataset)
+    spec_obj = load_spec_file(
+        Path(__file__).resolve().parent.parent / "examples" / "digits-3v7.yaml"
+    )
+    spec_obj = spec_obj.model_copy(
+        update={"data": spec_obj.data.model_copy(update={"source": str(dataset)})}
+    )
+    sys.exit(run_local(spec_obj, out=out, resume=False, extra_roots=[]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""What a run produces, as plain models: the engine fills them, the service stores them.
+
+These are the contract between ``workers/training`` (which computes them) and
+whatever records them (files for the local CLI, Postgres and S3 for the worker).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EpochRow(_Result):
+    """One row of fastai's epoch table, plus speed.
+
+    ``train_loss`` is the smoothed loss after the epoch's last batch (fastai's
+    Recorder), ``valid_loss`` and metrics are exact means over the validation set.
+    """
+
+    stage: str
+    epoch: int  # 0-based, as fastai >= 1.0.47 prints it
+    train_loss: float | None
+    valid_loss: float | None
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    seconds: float
+    images_per_second: float
+    lr: float  # last layer group's lr at the epoch's last batch
+    batch_size: int | None = None
+
+
+class BatchPoint(_Result):
+    """Per-batch recorder values (for the loss and lr plots)."""
+
+    iteration: int
+    lr: float
+    momentum: float
+    smooth_loss: float
+
+
+class LrFindResult(_Result):
+    """The LR finder's curve and suggestion (lrs are the last group's)."""
+
+    stage: str
+    lrs: list[float]
+    losses: list[float]  # smoothed, as fastai records them
+    suggestion: float | None
+    suggest_method: str
+    min_loss_lr_div10: float | None
+    stopped_early: bool
+
+
+class TopLoss(_Result):
+    """One of the validation items the model got most wrong."""
+
+    index: int  # into the validation set
+    file: str
+    predicted: str
+    actual: str
+    loss: float
+    probability: float  # of the actual class
+
+
+class Interpretation(_Result):
+    """fastai's ClassificationInterpretation on the validation set."""
+
+    classes: list[str]
+    confusion_matrix: list[list[int]]  # rows = actual, columns = predicted
+    most_confused: list[tuple[str, str, int]]
+    most_confused_min: int
+    top_losses: list[TopLoss]
+
+
+class Finding(_Result):
+    """A checked rule from the notes' "What can go wrong?", with its evidence."""
+
+    code: Literal["diverged", "lr_too_high", "lr_too_low", "too_few_epochs", "overfitting"]
+    stage: str
+    severity: Literal["info", "warning", "error"]
+    message: str
+    evidence: dict[str, Any]
+    advice: str
+
+
+class SkippedFile(_Result):
+    """A file that was found but not used, and why."""
+
+    path: str
+    reason: str
+
+
+class StageReport(_Result):
+    """Everything one stage did."""
+
+    name: str
+    train: str
+    epochs: int
+    schedule: str
+    lrs: list[float]  # max lr per layer group, as used
+    rows: list[EpochRow] = Field(default_factory=list)
+    batches: list[BatchPoint] = Field(default_factory=list)
+    lr_find: LrFindResult | None = None
+    kept: str = "last"
+    kept_epoch: int | None = None
+    reverted: bool = False  # keep: better reloaded the previous stage's weights
+    diverged: bool = False
+    trainable_params: int = 0
+    seconds: float = 0.0
+
+
+class Report(_Result):
+    """report.json: the whole run in one document."""
+
+    spec: dict[str, Any]
+    status: Literal["succeeded", "failed", "stopped", "running"] = "running"
+    error: str | None = None
+    classes: list[str] = Field(default_factory=list)
+    multi_label: bool = False
+    counts: dict[str, int] = Field(default_factory=dict)
+    device: str = "cpu"
+    stages: list[StageReport] = Field(default_factory=list)
+    interpretation: Interpretation | None = None
+    findings: list[Finding] = Field(default_factory=list)
+    skipped_files: list[SkippedFile] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    artifacts: list[str] = Field(default_factory=list)

@@ -1,0 +1,63 @@
+"""fitfleet settings: every backend is a URL, every value comes from ``FITFLEET_*``.
+
+Nothing is read at import time: call :func:`get_settings` (cached) so tests can
+swap backends by setting the environment and clearing the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path("~/.fitfleet").expanduser()
+
+
+class Settings(BaseSettings):
+    """Where things live. Hyper-parameters belong in the spec, never here."""
+
+    model_config = SettingsConfigDict(env_prefix="FITFLEET_", env_nested_delimiter="__")
+
+    home: Path = Field(default_factory=_default_home)
+    weights_dir: Path | None = None
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    cache_dir: Path | None = None
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        """Accept ``a:b`` (like PATH) or ``a,b`` as well as a list."""
+        if isinstance(value, str):
+            parts = [p for chunk in value.split(os.pathsep) for p in chunk.split(",")]
+            return [p.strip() for p in parts if p.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        self.home = self.home.expanduser()
+        if self.weights_dir is None:
+            self.weights_dir = self.home / "weights"
+        if self.cache_dir is None:
+            self.cache_dir = self.home / "cache"
+        if not self.data_roots:
+            self.data_roots = [self.home / "datasets"]
+        self.data_roots = [p.expanduser() for p in self.data_roots]
+        return self
+
+    @property
+    def weights_path(self) -> Path:
+        """The weights folder (never None after validation)."""
+        assert self.weights_dir is not None
+        return self.weights_dir
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
