@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from shared.errors import DataError, Diverged, InvalidSpec, Stopped, TrainingError
+from shared.errors import DataError, Diverged, InvalidSpec, Stopped, TrainingError, WeightsMissing
 from shared.settings import get_settings
 from shared.spec import ExperimentSpec
 from shared.spec_io import load_spec_file, spec_json_schema
@@ -24,7 +24,7 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 130
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _load_or_exit(path: Path) -> ExperimentSpec:
@@ -112,7 +112,7 @@ def run_local(
     from workers.training.diagnosis import format_findings
     from workers.training.engine import EngineOptions, Runtime, choose_device, run_experiment
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     settings = get_settings()
     if out is None:
         if resume:
@@ -133,8 +133,8 @@ def run_local(
     reporter.install_interrupt()
     try:
         report = run_experiment(spec_obj, options, reporter, runtime)
-    except DataError as exc:
-        err_console.print(f"[red]data error:[/] {exc}", highlight=False)
+    except (DataError, WeightsMissing) as exc:
+        err_console.print(f"[red]cannot start:[/] {exc}", highlight=False)
         return EXIT_BAD_INPUT
     except Diverged as exc:
         err_console.print(f"[red]diverged:[/] {exc}", highlight=False)

@@ -103,8 +103,8 @@ def sample_grid(matrices: torch.Tensor, height: int, width: int) -> torch.Tensor
 def lighting(x: torch.Tensor, params: Augment, gen: torch.Generator) -> torch.Tensor:
     """Brightness then contrast in logit space, each with its own coin (fastai)."""
     n = x.shape[0]
-    bright = _coin(n, params.p_lighting, gen)
-    contrast = _coin(n, params.p_lighting, gen)
+    bright = _coin(n, params.p_lighting, gen) & (params.max_lighting > 0)
+    contrast = _coin(n, params.p_lighting, gen) & (params.max_lighting > 0)
     half = params.max_lighting / 2
     change = _uniform(n, 0.5 - half, 0.5 + half, gen)
     low = max(1 - params.max_lighting, _EPS)
@@ -115,7 +115,9 @@ def lighting(x: torch.Tensor, params: Augment, gen: torch.Generator) -> torch.Te
     mult = torch.where(contrast, scale, torch.ones(n)).to(x.device)
     logits = torch.logit(x.clamp(_EPS, 1 - _EPS))
     logits = (logits + shift.view(n, 1, 1, 1)) * mult.view(n, 1, 1, 1)
-    return torch.sigmoid(logits)
+    # Items whose coins both came up tails keep their exact pixels.
+    on = (bright | contrast).to(x.device).view(n, 1, 1, 1)
+    return torch.where(on, torch.sigmoid(logits), x)
 
 
 def augment_batch(x: torch.Tensor, params: Augment, gen: torch.Generator) -> torch.Tensor:

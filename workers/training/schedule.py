@@ -194,17 +194,16 @@ def suggest_valley(
         return None
     # Longest decreasing subsequence ending at each index (dynamic programming).
     length = [1] * n
-    start = list(range(n))
     for i in range(1, n):
         for j in range(i):
             if t_losses[i] < t_losses[j] and length[j] + 1 > length[i]:
                 length[i] = length[j] + 1
-                start[i] = start[j]
     end = max(range(n), key=length.__getitem__)
-    first = start[end]
-    span = end - first
-    idx = first + span // 3 + span // 6
-    return t_lrs[min(idx, n - 1)]
+    run = length[end]
+    # fastai 2's index arithmetic: start = end - run, then run/3 + run/6 further in
+    # (clamped at 0 where fastai's negative index would wrap to the last lr).
+    idx = end - run + run // 3 + run // 6
+    return t_lrs[max(0, min(idx, n - 1))]
 
 
 def suggest_lr(method: str, lrs: Sequence[float], losses: Sequence[float]) -> float | None:

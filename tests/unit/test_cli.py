@@ -1,0 +1,119 @@
+"""The ``fitfleet`` command: exit codes, messages, and what it leaves on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cli.main import main
+from shared.results import Report
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_spec(path: Path, **data: object) -> Path:
+    spec = {
+        "version": 1,
+        "name": "cli-test",
+        "data": {"source": "digits", "size": 16, "batch_size": 32, **data},
+        "model": {"arch": "resnet18", "pretrained": "none"},
+        "stages": [{"name": "stage-1", "train": "all", "epochs": 1}],
+        "interpret": {"show_batch": None},
+        "resources": {"gpus": 0},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_spec_check_ok_and_bad(tmp_path: Path) -> None:
+    good = write_spec(tmp_path / "good.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nname: x\ndata: {source: p, batch_size: -1}\nstages: [{name: a}]\n")
+    result = CliRunner().invoke(main, ["spec", "check", str(good)])
+    assert result.exit_code == 0 and "ok" in result.output
+    result = CliRunner().invoke(main, ["spec", "check", str(good), str(bad)])
+    assert result.exit_code == 2
+    assert "data.batch_size" in result.output and "stages.0.epochs" in result.output
+
+
+def test_spec_schema_is_json() -> None:
+    result = CliRunner().invoke(main, ["spec", "schema"])
+    assert result.exit_code == 0
+    assert json.loads(result.output)["title"] == "ExperimentSpec"
+
+
+def test_real_entry_point_reports_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps({"version": 1, "name": "x", "data": {"source": "p"}, "stages": [], "oops": 1})
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "spec", "check", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "oops: Extra inputs are not permitted" in done.stderr
+    assert "stages:" in done.stderr
+
+
+def test_data_digits(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["data", "digits", str(tmp_path / "d"), "--classes", "0,1", "--size", "12"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "d" / "train").iterdir()) == ["0", "1"]
+    result = CliRunner().invoke(main, ["data", "digits", str(tmp_path / "e"), "--classes", "3,12"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"source": "nowhere"}, "does not exist"),
+        ({"source": "/etc"}, "outside the allowed data roots"),
+        (
+            {"labels": {"from": "regex", "pattern": r"/(\d)x/"}, "split": {"valid_pct": 0.2}},
+            "matches none of the",
+        ),
+        ({"source": "empty"}, "no image files found"),
+    ],
+)
+def test_bad_data_exits_2_and_writes_only_the_report(
+    tmp_path: Path, fitfleet_home: Path, digits_root: Path, data: dict[str, object], message: str
+) -> None:
+    (digits_root / "empty").mkdir(exist_ok=True)
+    spec = write_spec(tmp_path / "spec.yaml", **data)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["train", str(spec), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output.replace("\n", " ")
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert report.status == "failed" and message in (report.error or "")
+
+
+def test_missing_weights_name_the_file(tmp_path: Path, fitfleet_home: Path) -> None:
+    spec = yaml.safe_load(write_spec(tmp_path / "s.yaml").read_text())
+    spec["model"] = {"arch": "resnet50", "pretrained": "imagenet"}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(
+        main, ["train", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    flat = result.output.replace("\n", "")
+    assert "resnet50-0676ba61.pth" in flat and str(fitfleet_home / "weights") in flat
+
+
+def test_resume_needs_a_run_folder(tmp_path: Path, fitfleet_home: Path) -> None:
+    result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path / "s.yaml")), "--resume"])
+    assert result.exit_code == 2 and "--resume needs --out" in result.output
