@@ -18,9 +18,11 @@ What is measured, in one run of this script:
    top of the engine's own overhead, not an apples-to-apples loss.
 3. **fastai v1** ``cnn_learner(..., pretrained=False)`` + ``fit_one_cycle`` on the
    same folder when ``import fastai`` gives a 1.x version; skipped otherwise.
-4. **Peak RSS** (``ru_maxrss`` of a child process, via ``os.wait4``) of one
-   engine epoch of a larger network (resnet34 at 64 px by default), beside a
-   child that only imports torch.
+4. **Peak RSS** (VmHWM, see :func:`peak_rss_mib`) of one epoch of a larger
+   network (resnet34 at 64 px on digits 3 vs 7 by default), each in its own child
+   process: a bare ``import torch``, the hand-written loop, and the engine
+   (``augment: default``), so the engine's memory overhead is the difference of
+   the last two.
 
 Why the comparison is fair: both sides run in this process with the same torch
 thread count, fp32 on the CPU, the same batch size and model, and train-mode
@@ -30,6 +32,10 @@ What the engine does more is exactly its overhead: per-batch cropping,
 uint8->float, normalization, schedule, loss smoothing, recorder points and
 callbacks.  Runs are interleaved (baseline, engine, engine-augmented, then the
 reverse order) and the median of each is reported, because the machine is noisy.
+Beside the headline rate (images / training seconds) the table gives a
+"batch-median" rate, batch size / median seconds per batch (taken between the
+engine's ``on_batch`` calls), which one burst of load from another process
+cannot move much.
 
 Run:  ``PYTHONPATH=. python bench/engine.py`` (``--quick`` for a smoke run).
 """
@@ -38,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import statistics
@@ -46,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -96,7 +102,7 @@ FULL = Config(
     arch="resnet18",
     size=32,
     batch_size=64,
-    epochs=2,
+    epochs=3,
     reps=2,
     threads=torch.get_num_threads(),
     classes=ALL_DIGITS,
@@ -112,31 +118,27 @@ QUICK = replace(
 
 @dataclass
 class Samples:
-    """Images/second of repeated runs of one contender.
+    """One contender over the repetitions: per run, its rate and its paired ratio.
 
-    ``rates``: images / training seconds over the timed batches of each run (the
-    headline).  ``batch_rates``: batch_size / the *median* seconds of one batch in
-    each run, which a burst of load from other processes barely moves.
+    ``rates``: images / training seconds of the timed batches.  ``ratios``: that
+    rate over the baseline's rate measured *in the same run* (batch-interleaved).
+    ``batch_rates`` and ``batch_ratios``: the same from the *median* seconds of one
+    batch, which a burst of load from another process barely moves.
     """
 
     label: str
-    rates: list[float] = field(default_factory=list)
-    batch_rates: list[float] = field(default_factory=list)
     note: str = ""
+    rates: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    batch_rates: list[float] = field(default_factory=list)
+    batch_ratios: list[float] = field(default_factory=list)
     error_rate: float | None = None
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
-
-    @property
-    def batch_median(self) -> float:
-        return statistics.median(self.batch_rates)
-
-    def add(self, rate: float, batch_seconds: list[float], batch_size: int) -> None:
+    def add(self, rate: float, ratio: float, batch_rate: float, batch_ratio: float) -> None:
         self.rates.append(rate)
-        if batch_seconds:
-            self.batch_rates.append(batch_size / statistics.median(batch_seconds))
+        self.ratios.append(ratio)
+        self.batch_rates.append(batch_rate)
+        self.batch_ratios.append(batch_ratio)
 
 
 # --------------------------------------------------------------------------- data
@@ -198,52 +200,6 @@ def preload_train(spec: ExperimentSpec, source: Path) -> tuple[torch.Tensor, tor
 # --------------------------------------------------------------------------- contenders
 
 
-class _EpochPrinter(NullReporter):
-    """Prints each epoch row, and keeps the time between consecutive batches per epoch."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.last: tuple[int, float] | None = None
-        self.gaps: dict[int, list[float]] = {}
-
-    def on_batch(self, stage: str, epoch: int, batch: int, batches: int, loss: float) -> None:
-        now = time.perf_counter()
-        # Within one epoch only: the gap across an epoch boundary holds validation.
-        if self.last is not None and self.last[0] == epoch:
-            self.gaps.setdefault(epoch, []).append(now - self.last[1])
-        self.last = (epoch, now)
-
-    def on_epoch(self, row: EpochRow) -> None:
-        print(
-            f"    {self.label} epoch {row.epoch}: {row.images_per_second:7.1f} img/s train, "
-            f"{row.seconds:6.1f} s with validation, error_rate {row.metrics.get('error_rate')}",
-            flush=True,
-        )
-
-
-def run_engine(
-    cfg: Config, root: Path, source: str, *, augment: str, label: str
-) -> tuple[float, list[float], float | None]:
-    """Train through ``run_experiment``.
-
-    Returns the train img/s over epochs 1.. (from the epoch rows), the seconds of
-    each of their batches but the first of an epoch, and the final error rate.
-    """
-    spec = engine_spec(
-        cfg, source, augment=augment, epochs=cfg.epochs, arch=cfg.arch, size=cfg.size
-    )
-    with tempfile.TemporaryDirectory(prefix="run-", dir=root) as out:
-        options = EngineOptions(out_dir=Path(out), data_roots=[root], weights_dir=root / "weights")
-        printer = _EpochPrinter(label)
-        report = run_experiment(spec, options, printer, Runtime())
-    rows = report.stages[0].rows
-    measured = rows[1:] if len(rows) > 1 else rows
-    # Every epoch has the same number of images, so the combined rate is the harmonic mean.
-    rate = statistics.harmonic_mean([r.images_per_second for r in measured])
-    gaps = [g for row in measured for g in printer.gaps.get(row.epoch, [])]
-    return rate, gaps, rows[-1].metrics.get("error_rate")
-
-
 def _shuffled_batches(
     x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -256,39 +212,119 @@ def _shuffled_batches(
             yield x[index], y[index]
 
 
-def run_baseline(
-    cfg: Config,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    n_classes: int,
-    batches: int,
-    *,
-    warmup: int = BASELINE_WARMUP_BATCHES,
-) -> tuple[float, list[float]]:
-    """A minimal PyTorch loop on the same model: (img/s over ``batches``, each batch's s)."""
-    torch.manual_seed(SEED)
-    model = build_model(cfg.arch, n_classes, Head())
-    model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=MAX_LR, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WD
-    )
-    stream = _shuffled_batches(x, y, cfg.batch_size, torch.Generator().manual_seed(SEED))
+class BaselineLoop:
+    """The hand-written loop, one batch per :meth:`step`: what the engine is measured against."""
 
-    def step() -> None:
-        xb, yb = next(stream)
-        loss = F.cross_entropy(model(xb), yb)
+    def __init__(
+        self, arch: str, n_classes: int, x: torch.Tensor, y: torch.Tensor, batch_size: int
+    ) -> None:
+        torch.manual_seed(SEED)  # the engine seeds the same way before build_model
+        self.model = build_model(arch, n_classes, Head())
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=MAX_LR, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WD
+        )
+        self.stream = _shuffled_batches(x, y, batch_size, torch.Generator().manual_seed(SEED))
+
+    def step(self) -> float:
+        """Train on the next batch; returns its seconds (fetch included)."""
+        began = time.perf_counter()
+        xb, yb = next(self.stream)
+        loss = F.cross_entropy(self.model(xb), yb)
         torch.autograd.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - began
 
-    for _ in range(warmup):
-        step()
-    stamps = [time.perf_counter()]
-    for _ in range(batches):
-        step()
-        stamps.append(time.perf_counter())
-    gaps = [after - before for before, after in itertools.pairwise(stamps)]
-    return batches * cfg.batch_size / (stamps[-1] - stamps[0]), gaps
+
+class PairedTimer(NullReporter):
+    """Interleaves the baseline with the engine batch by batch, and times both.
+
+    After every engine batch (its ``on_batch`` call) one baseline batch runs, so
+    each engine batch and its baseline twin see the same load from the rest of
+    the machine.  The engine's batch time runs from the end of the previous
+    call to the start of this one (pipeline, forward, backward, step and its
+    bookkeeping).  Time spent in here is counted per epoch as ``stolen``, to be
+    taken out of the engine's own epoch timer.  In epoch 0 (the engine's
+    warm-up) only ``warmup`` baseline batches run, untimed.
+    """
+
+    def __init__(self, label: str, loop: BaselineLoop, warmup: int) -> None:
+        self.label = label
+        self.loop = loop
+        self.warmup = warmup
+        self.last: tuple[int, float] | None = None
+        self.engine_s: dict[int, list[float]] = defaultdict(list)
+        self.loop_s: dict[int, list[float]] = defaultdict(list)
+        self.stolen: dict[int, float] = defaultdict(float)
+
+    def on_batch(self, stage: str, epoch: int, batch: int, batches: int, loss: float) -> None:
+        entered = time.perf_counter()
+        # Within one epoch only: the gap across an epoch boundary holds validation.
+        if self.last is not None and self.last[0] == epoch:
+            self.engine_s[epoch].append(entered - self.last[1])
+        if epoch >= 1:
+            self.loop_s[epoch].append(self.loop.step())
+        elif batch <= self.warmup:
+            self.loop.step()
+        left = time.perf_counter()
+        self.stolen[epoch] += left - entered
+        self.last = (epoch, left)
+
+    def on_epoch(self, row: EpochRow) -> None:
+        print(
+            f"    {self.label} epoch {row.epoch}: engine+baseline {row.seconds:6.1f} s "
+            f"with validation, error_rate {row.metrics.get('error_rate')}",
+            flush=True,
+        )
+
+
+@dataclass
+class PairedRun:
+    """One engine run and the baseline batches interleaved with its timed epochs."""
+
+    engine_rate: float  # from the EpochRows, the baseline's stolen time taken out
+    loop_rate: float
+    engine_batch_s: list[float]
+    loop_batch_s: list[float]
+    error_rate: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.engine_rate / self.loop_rate
+
+    @property
+    def batch_ratio(self) -> float:
+        """Median baseline batch time / median engine batch time."""
+        return statistics.median(self.loop_batch_s) / statistics.median(self.engine_batch_s)
+
+
+def run_paired(
+    cfg: Config, root: Path, source: str, loop: BaselineLoop, *, augment: str
+) -> PairedRun:
+    """``run_experiment`` with the baseline interleaved; epochs 1.. are measured."""
+    spec = engine_spec(
+        cfg, source, augment=augment, epochs=cfg.epochs, arch=cfg.arch, size=cfg.size
+    )
+    timer = PairedTimer(augment, loop, BASELINE_WARMUP_BATCHES)
+    with tempfile.TemporaryDirectory(prefix="run-", dir=root) as out:
+        options = EngineOptions(out_dir=Path(out), data_roots=[root], weights_dir=root / "weights")
+        report = run_experiment(spec, options, timer, Runtime())
+    rows = report.stages[0].rows[1:]
+    images = engine_seconds = loop_seconds = 0.0
+    for row in rows:
+        seen = len(timer.loop_s[row.epoch]) * cfg.batch_size  # one baseline batch per batch
+        # EpochRow.images_per_second = seen / training seconds, which include our callback.
+        engine_seconds += seen / row.images_per_second - timer.stolen[row.epoch]
+        loop_seconds += sum(timer.loop_s[row.epoch])
+        images += seen
+    return PairedRun(
+        engine_rate=images / engine_seconds,
+        loop_rate=images / loop_seconds,
+        engine_batch_s=[t for row in rows for t in timer.engine_s[row.epoch]],
+        loop_batch_s=[t for row in rows for t in timer.loop_s[row.epoch]],
+        error_rate=report.stages[0].rows[-1].metrics.get("error_rate"),
+    )
 
 
 def run_fastai(cfg: Config, source: Path) -> tuple[float, float | None] | None:
@@ -407,8 +443,9 @@ def rss_child(cfg: Config, root: Path, mode: str) -> None:
         rate = report.stages[0].rows[0].images_per_second
     else:
         x, y, n_classes = preload_train(spec, root / source)
-        loop_cfg = replace(cfg, arch=cfg.rss_arch, size=cfg.rss_size)
-        rate, _ = run_baseline(loop_cfg, x, y, n_classes, len(x) // cfg.batch_size, warmup=0)
+        loop = BaselineLoop(cfg.rss_arch, n_classes, x, y, cfg.batch_size)
+        batches = len(x) // cfg.batch_size
+        rate = batches * cfg.batch_size / sum(loop.step() for _ in range(batches))
     print(json.dumps({"peak_rss_mib": peak_rss_mib(), "images_per_second": rate}))
 
 
@@ -508,6 +545,10 @@ def _load() -> str:
     return f"{one:.1f}/{five:.1f}"
 
 
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f}" if values else "-"
+
+
 def print_summary(
     cfg: Config,
     counts: tuple[int, int],
@@ -517,9 +558,9 @@ def print_summary(
     loads: tuple[str, str],
     wall: float,
 ) -> None:
-    """The final table: medians, ratios to the baseline (the first row), memory."""
-    baseline, plain = rows[0], rows[1]
-    width = 100
+    """The final table (medians over runs), the verdict and the memory numbers."""
+    plain = rows[1]
+    width = 110
     rule = "-" * width
     print()
     print("=" * width)
@@ -530,52 +571,47 @@ def print_summary(
     )
     print(
         f"{cfg.arch} @ {cfg.size}px, batch {cfg.batch_size}, digits {len(cfg.classes)} classes "
-        f"({counts[0]} train / {counts[1]} valid), fp32 CPU"
+        f"({counts[0]} train / {counts[1]} valid), fp32 on the CPU"
     )
     print(
-        f"engine: {cfg.epochs} epochs per run, epoch 0 = warm-up, epochs 1..{cfg.epochs - 1} "
-        f"timed ({batches} batches); baseline: {batches} batches after "
-        f"{BASELINE_WARMUP_BATCHES} warm-up batches; {cfg.reps} interleaved rep(s), medians"
+        f"each run: {cfg.epochs} engine epochs, epoch 0 = warm-up; epochs 1..{cfg.epochs - 1} "
+        f"timed ({batches} batches), one baseline batch after each engine batch; "
+        f"{cfg.reps} rep(s) per mode, medians"
     )
     print(rule)
     print(
         f"{'train throughput':<27}{'img/s':>7}{'ratio':>7}{'batch-med':>11}{'ratio':>7}   "
-        f"{'runs (img/s)':<19}note"
+        f"{'runs: img/s (ratio)':<28}note"
     )
     print(rule)
     for row in rows:
-        if not row.rates:
-            print(f"{row.label:<27}{'-':>7}{'-':>7}{'-':>11}{'-':>7}   {'':<19}{row.note}")
-            continue
-        runs = ", ".join(f"{r:.1f}" for r in row.rates)
-        ratio = f"{row.median / baseline.median:.3f}"
-        if row.batch_rates:
-            batch = f"{row.batch_median:.1f}"
-            batch_ratio = f"{row.batch_median / baseline.batch_median:.3f}"
-        else:
-            batch = batch_ratio = "-"
         notes = [row.note] if row.note else []
         if row.error_rate is not None:
             notes.insert(0, f"final error_rate {row.error_rate:.3f}")
+        if not row.rates:
+            print(f"{row.label:<27}{'-':>7}{'-':>7}{'-':>11}{'-':>7}   {'':<28}{'; '.join(notes)}")
+            continue
+        runs = ", ".join(f"{r:.1f} ({q:.2f})" for r, q in zip(row.rates, row.ratios, strict=True))
+        batch = f"{statistics.median(row.batch_rates):.1f}" if row.batch_rates else "-"
         print(
-            f"{row.label:<27}{row.median:>7.1f}{ratio:>7}{batch:>11}{batch_ratio:>7}   "
-            f"{runs:<19}{'; '.join(notes)}"
+            f"{row.label:<27}{statistics.median(row.rates):>7.1f}{_median(row.ratios):>7}"
+            f"{batch:>11}{_median(row.batch_ratios):>7}   {runs:<28}{'; '.join(notes)}"
         )
     print(rule)
-    plain_ratio = plain.median / baseline.median
-    verdict = "meets" if plain_ratio >= TARGET_RATIO else "MISSES"
+    ratio = statistics.median(plain.ratios)
+    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
     print(
-        f"engine (augment none) / baseline = {plain_ratio:.3f} "
-        f"(batch-median {plain.batch_median / baseline.batch_median:.3f}): "
-        f"{verdict} the target >= {TARGET_RATIO}"
+        f"engine (augment none) / baseline = {ratio:.3f} (batch-median "
+        f"{statistics.median(plain.batch_ratios):.3f}): {verdict} the target >= {TARGET_RATIO}"
     )
     print(
-        "img/s = images / training seconds of the timed batches (engine: its EpochRow"
-        ".images_per_second);\nbatch-med = batch size / median seconds per batch (robust to "
-        "bursts of load from other processes)"
+        "img/s: images / training seconds of the timed batches (engine: its EpochRow."
+        "images_per_second,\n  the interleaved baseline's time taken out); ratio: median over "
+        "runs of engine / the baseline of the same run;\n  batch-med: batch size / median "
+        "seconds of one batch, and its ratio, robust to bursts of load"
     )
     if memory is None:
-        print("peak RSS: skipped")
+        print("peak RSS: skipped (--skip-rss) or failed (see above)")
     else:
         print(
             f"peak RSS (VmHWM), one epoch of {cfg.rss_arch} @ {cfg.rss_size}px, batch "
@@ -583,13 +619,13 @@ def print_summary(
         )
         print(f"  bare `import torch`            {memory.bare:8.0f} MiB")
         print(
-            f"  hand-written loop (1 epoch)    {memory.loop:8.0f} MiB  "
+            f"  hand-written loop              {memory.loop:8.0f} MiB  "
             f"(+{memory.loop - memory.bare:.0f} over bare; {memory.loop_rate:.1f} img/s)"
         )
         print(
             f"  engine, augment default        {memory.engine:8.0f} MiB  "
             f"(+{memory.engine - memory.bare:.0f} over bare, {memory.engine - memory.loop:+.0f} "
-            f"vs loop; {memory.engine_rate:.1f} img/s)"
+            f"vs the loop; {memory.engine_rate:.1f} img/s)"
         )
     print(f"total wall time {wall:.0f} s")
     print("=" * width)
@@ -617,43 +653,50 @@ def main(argv: list[str] | None = None) -> int:
         x, y, n_classes = preload_train(spec, source)
         n_valid = sum(1 for _ in (source / "valid").rglob("*.png"))
         batches = (len(x) // cfg.batch_size) * (cfg.epochs - 1)
-        baseline = Samples("hand-written PyTorch loop", note="preloaded tensor, no augmentation")
-        plain = Samples("engine, augment none")
-        augmented = Samples(
-            "engine, augment default", note="includes fastai's default augmentation"
-        )
-        order = ["baseline", "none", "default"]
+        baseline = Samples("hand-written PyTorch loop", "preloaded tensor, no augmentation")
+        engines = {
+            "none": Samples("engine, augment none"),
+            "default": Samples("engine, augment default", "includes fastai's default augmentation"),
+        }
         for rep in range(cfg.reps):
-            for which in order if rep % 2 == 0 else order[::-1]:
-                print(f"  rep {rep + 1}/{cfg.reps}: {which}  (load {_load()})", flush=True)
-                if which == "baseline":
-                    rate, gaps = run_baseline(cfg, x, y, n_classes, batches)
-                    baseline.add(rate, gaps, cfg.batch_size)
-                    print(f"    baseline: {rate:7.1f} img/s over {batches} batches", flush=True)
-                else:
-                    target = plain if which == "none" else augmented
-                    rate, gaps, error = run_engine(
-                        cfg, root, source.name, augment=which, label=which
-                    )
-                    target.add(rate, gaps, cfg.batch_size)
-                    target.error_rate = error
+            modes = ["none", "default"] if rep % 2 == 0 else ["default", "none"]
+            for mode in modes:
+                print(f"  rep {rep + 1}/{cfg.reps}: augment {mode}  (load {_load()})", flush=True)
+                loop = BaselineLoop(cfg.arch, n_classes, x, y, cfg.batch_size)
+                run = run_paired(cfg, root, source.name, loop, augment=mode)
+                print(
+                    f"    engine {run.engine_rate:6.1f} img/s, baseline {run.loop_rate:6.1f} "
+                    f"img/s: ratio {run.ratio:.3f} (batch-median {run.batch_ratio:.3f})",
+                    flush=True,
+                )
+                loop_batch = cfg.batch_size / statistics.median(run.loop_batch_s)
+                engine_batch = cfg.batch_size / statistics.median(run.engine_batch_s)
+                baseline.add(run.loop_rate, 1.0, loop_batch, 1.0)
+                engines[mode].add(run.engine_rate, run.ratio, engine_batch, run.batch_ratio)
+                engines[mode].error_rate = run.error_rate
+                del loop
                 gc.collect()
-        fastai = Samples("fastai v1 cnn_learner")
+        fastai = Samples("fastai v1 cnn_learner", "not paired: ratio to the baseline's median")
         result = run_fastai(cfg, source)
         if result is None:
             fastai.note = "fastai v1 not installed: skipped"
         else:
-            fastai.rates.append(result[0])
+            rate = result[0]
+            fastai.rates.append(rate)
+            fastai.ratios.append(rate / statistics.median(baseline.rates))
             fastai.error_rate = result[1]
         memory = None
         if not cfg.skip_rss:
             print(f"  peak RSS: one {cfg.rss_arch} @ {cfg.rss_size}px epoch per child", flush=True)
-            memory = measure_rss(cfg, root)
+            try:
+                memory = measure_rss(cfg, root)
+            except (subprocess.CalledProcessError, RuntimeError, ValueError) as exc:
+                print(f"  peak RSS failed: {exc}", flush=True)
     print_summary(
         cfg,
         (len(x), n_valid),
         batches,
-        [baseline, plain, augmented, fastai],
+        [baseline, engines["none"], engines["default"], fastai],
         memory,
         (load_start, _load()),
         time.perf_counter() - began,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -22,15 +22,6 @@ from pydantic import (
     model_validator,
 )
 
-ARCHITECTURES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-)
 Architecture = Literal[
     "resnet18",
     "resnet34",
@@ -40,6 +31,7 @@ Architecture = Literal[
     "mobilenet_v3_small",
     "mobilenet_v3_large",
 ]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 SINGLE_LABEL_METRICS = ("error_rate", "accuracy")
 MULTI_LABEL_METRICS = ("accuracy_thresh", "fbeta")
 Metric = Literal["error_rate", "accuracy", "accuracy_thresh", "fbeta"]

@@ -56,17 +56,23 @@ def affine_matrices(n: int, params: Augment, gen: torch.Generator) -> torch.Tens
 def warp_homographies(n: int, params: Augment, gen: torch.Generator) -> torch.Tensor:
     """Per-item symmetric perspective warps (3x3), identity for items that skip it.
 
-    Like fastai's ``symmetric_warp``: two magnitudes ~ U(-max_warp, max_warp)
-    tilt the image around its horizontal and vertical axes.
+    Like fastai's ``symmetric_warp``: four magnitudes ~ U(-max_warp, max_warp)
+    stretch the left and right edges vertically and the top and bottom edges
+    horizontally, each symmetrically about its middle, which tilts the image.
     """
     on = _coin(n, params.p_affine, gen) & (params.max_warp > 0)
-    mag_x = _uniform(n, -params.max_warp, params.max_warp, gen) * on
-    mag_y = _uniform(n, -params.max_warp, params.max_warp, gen) * on
-    src = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
-    dst = src.expand(n, 4, 2).clone()
-    # Tilt: the top edge narrows/widens against the bottom one, the left against the right.
-    dst[:, :, 0] = dst[:, :, 0] * (1 + mag_y[:, None] * src[:, 1])
-    dst[:, :, 1] = dst[:, :, 1] * (1 + mag_x[:, None] * src[:, 0])
+    mags = _uniform(4 * n, -params.max_warp, params.max_warp, gen).view(n, 4) * on[:, None]
+    src = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])
+    m0, m1, m2, m3 = mags.unbind(1)
+    dst = torch.stack(
+        [
+            torch.stack([-1 - m3, -1 - m1], 1),  # top left
+            torch.stack([-1 - m2, 1 + m1], 1),  # bottom left
+            torch.stack([1 + m3, -1 - m0], 1),  # top right
+            torch.stack([1 + m2, 1 + m0], 1),  # bottom right
+        ],
+        1,
+    )
     return _homographies(src.expand(n, 4, 2), dst)
 
 

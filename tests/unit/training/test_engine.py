@@ -221,7 +221,7 @@ def test_test_folder_predictions(tmp_path: Path, digits_root: Path) -> None:
 
 
 def test_pretrained_run_with_other_classes_remakes_the_head(
-    tmp_path: Path, digits_root: Path, uninterrupted: Report
+    tmp_path: Path, digits_root: Path
 ) -> None:
     first = tmp_path / "runs" / "first"
     run_experiment(
@@ -265,6 +265,6 @@ def test_pretrained_run_of_another_architecture_is_refused(
 
 def test_missing_imagenet_weights_fail_before_training(tmp_path: Path, digits_root: Path) -> None:
     spec = tiny_spec(model={"arch": "resnet34", "pretrained": "imagenet"})
-    with pytest.raises(WeightsMissing, match="resnet34-b627a593.pth"):
+    with pytest.raises(WeightsMissing, match=r"resnet34-b627a593\.pth"):
         run_experiment(spec, options(tmp_path, digits_root))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
