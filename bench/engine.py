@@ -118,27 +118,23 @@ QUICK = replace(
 
 @dataclass
 class Samples:
-    """One contender over the repetitions: per run, its rate and its paired ratio.
+    """One contender over the repetitions.
 
-    ``rates``: images / training seconds of the timed batches.  ``ratios``: that
-    rate over the baseline's rate measured *in the same run* (batch-interleaved).
-    ``batch_rates`` and ``batch_ratios``: the same from the *median* seconds of one
-    batch, which a burst of load from another process barely moves.
+    ``rates``: per run, images / training seconds of the timed batches.
+    ``ratios``: per run, that rate over the baseline's rate *in the same run*.
+    ``batch_s``: the seconds of every timed batch, all runs pooled.
+    ``pair_ratios``: for every timed engine batch, the seconds of the baseline
+    batch run right after it / its own seconds (all runs pooled); its median is
+    the estimate a burst of load from another process moves least.
     """
 
     label: str
     note: str = ""
     rates: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
-    batch_rates: list[float] = field(default_factory=list)
-    batch_ratios: list[float] = field(default_factory=list)
+    batch_s: list[float] = field(default_factory=list)
+    pair_ratios: list[float] = field(default_factory=list)
     error_rate: float | None = None
-
-    def add(self, rate: float, ratio: float, batch_rate: float, batch_ratio: float) -> None:
-        self.rates.append(rate)
-        self.ratios.append(ratio)
-        self.batch_rates.append(batch_rate)
-        self.batch_ratios.append(batch_ratio)
 
 
 # --------------------------------------------------------------------------- data
@@ -273,8 +269,8 @@ class PairedTimer(NullReporter):
 
     def on_epoch(self, row: EpochRow) -> None:
         print(
-            f"    {self.label} epoch {row.epoch}: engine+baseline {row.seconds:6.1f} s "
-            f"with validation, error_rate {row.metrics.get('error_rate')}",
+            f"    {self.label} epoch {row.epoch}: {row.seconds:6.1f} s (engine, interleaved "
+            f"baseline, validation), error_rate {row.metrics.get('error_rate', 0.0):.3f}",
             flush=True,
         )
 
@@ -287,16 +283,12 @@ class PairedRun:
     loop_rate: float
     engine_batch_s: list[float]
     loop_batch_s: list[float]
+    pair_ratios: list[float]  # baseline batch s / the engine batch just before it
     error_rate: float | None
 
     @property
     def ratio(self) -> float:
         return self.engine_rate / self.loop_rate
-
-    @property
-    def batch_ratio(self) -> float:
-        """Median baseline batch time / median engine batch time."""
-        return statistics.median(self.loop_batch_s) / statistics.median(self.engine_batch_s)
 
 
 def run_paired(
@@ -312,17 +304,22 @@ def run_paired(
         report = run_experiment(spec, options, timer, Runtime())
     rows = report.stages[0].rows[1:]
     images = engine_seconds = loop_seconds = 0.0
+    pairs: list[float] = []
     for row in rows:
-        seen = len(timer.loop_s[row.epoch]) * cfg.batch_size  # one baseline batch per batch
+        engine_s, loop_s = timer.engine_s[row.epoch], timer.loop_s[row.epoch]
+        seen = len(loop_s) * cfg.batch_size  # one baseline batch per engine batch
         # EpochRow.images_per_second = seen / training seconds, which include our callback.
         engine_seconds += seen / row.images_per_second - timer.stolen[row.epoch]
-        loop_seconds += sum(timer.loop_s[row.epoch])
+        loop_seconds += sum(loop_s)
         images += seen
+        # engine_s[k] is engine batch k+1 (batch 0's start is unknown); loop_s[k+1] follows it.
+        pairs.extend(lo / en for en, lo in zip(engine_s, loop_s[1:], strict=True))
     return PairedRun(
         engine_rate=images / engine_seconds,
         loop_rate=images / loop_seconds,
         engine_batch_s=[t for row in rows for t in timer.engine_s[row.epoch]],
         loop_batch_s=[t for row in rows for t in timer.loop_s[row.epoch]],
+        pair_ratios=pairs,
         error_rate=report.stages[0].rows[-1].metrics.get("error_rate"),
     )
 
@@ -427,7 +424,8 @@ def child_json(command: list[str]) -> dict[str, float]:
 def rss_child(cfg: Config, root: Path, mode: str) -> None:
     """Child mode: one epoch of the engine (augment default) or of the hand-written loop.
 
-    Prints ``{"peak_rss_mib": ..., "images_per_second": ...}`` as its last line.
+    The loop trains only; the engine also validates, checkpoints and writes its
+    report, as one real epoch does.  Prints ``{"peak_rss_mib": ...}`` last.
     """
     torch.set_num_threads(cfg.threads)
     source = dataset_name(cfg.rss_classes, cfg.rss_size)
@@ -439,25 +437,22 @@ def rss_child(cfg: Config, root: Path, mode: str) -> None:
             options = EngineOptions(
                 out_dir=Path(out), data_roots=[root], weights_dir=root / "weights"
             )
-            report = run_experiment(spec, options, None, Runtime())
-        rate = report.stages[0].rows[0].images_per_second
+            run_experiment(spec, options, None, Runtime())
     else:
         x, y, n_classes = preload_train(spec, root / source)
         loop = BaselineLoop(cfg.rss_arch, n_classes, x, y, cfg.batch_size)
-        batches = len(x) // cfg.batch_size
-        rate = batches * cfg.batch_size / sum(loop.step() for _ in range(batches))
-    print(json.dumps({"peak_rss_mib": peak_rss_mib(), "images_per_second": rate}))
+        for _ in range(len(x) // cfg.batch_size):
+            loop.step()
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
 
 
 @dataclass
 class Memory:
-    """Peak RSS of the three children, MiB, and the children's train rates."""
+    """Peak RSS of the three children, MiB."""
 
     bare: float
     engine: float
     loop: float
-    engine_rate: float
-    loop_rate: float
 
 
 def measure_rss(cfg: Config, root: Path) -> Memory:
@@ -489,8 +484,6 @@ def measure_rss(cfg: Config, root: Path) -> Memory:
         bare=bare["peak_rss_mib"],
         engine=results["engine"]["peak_rss_mib"],
         loop=results["loop"]["peak_rss_mib"],
-        engine_rate=results["engine"]["images_per_second"],
-        loop_rate=results["loop"]["images_per_second"],
     )
 
 
@@ -580,35 +573,43 @@ def print_summary(
     )
     print(rule)
     print(
-        f"{'train throughput':<27}{'img/s':>7}{'ratio':>7}{'batch-med':>11}{'ratio':>7}   "
-        f"{'runs: img/s (ratio)':<28}note"
+        f"{'train throughput':<27}{'img/s':>7}{'ratio':>7}{'batch-med':>11}{'pairs':>7}   "
+        "runs: img/s (ratio)"
     )
     print(rule)
     for row in rows:
         notes = [row.note] if row.note else []
         if row.error_rate is not None:
             notes.insert(0, f"final error_rate {row.error_rate:.3f}")
-        if not row.rates:
-            print(f"{row.label:<27}{'-':>7}{'-':>7}{'-':>11}{'-':>7}   {'':<28}{'; '.join(notes)}")
-            continue
-        runs = ", ".join(f"{r:.1f} ({q:.2f})" for r, q in zip(row.rates, row.ratios, strict=True))
-        batch = f"{statistics.median(row.batch_rates):.1f}" if row.batch_rates else "-"
-        print(
-            f"{row.label:<27}{statistics.median(row.rates):>7.1f}{_median(row.ratios):>7}"
-            f"{batch:>11}{_median(row.batch_ratios):>7}   {runs:<28}{'; '.join(notes)}"
-        )
+        if row.rates:
+            batch = f"{cfg.batch_size / statistics.median(row.batch_s):.1f}" if row.batch_s else "-"
+            pairs = _median(row.pair_ratios) if row is not rows[0] else "1"
+            runs = ", ".join(
+                f"{r:.1f} ({q:.2f})" for r, q in zip(row.rates, row.ratios, strict=True)
+            )
+            print(
+                f"{row.label:<27}{statistics.median(row.rates):>7.1f}{_median(row.ratios):>7}"
+                f"{batch:>11}{pairs:>7}   {runs}"
+            )
+        else:
+            print(f"{row.label:<27}{'-':>7}{'-':>7}{'-':>11}{'-':>7}")
+        if notes:
+            print(f"{'':<27}  ({'; '.join(notes)})")
     print(rule)
     ratio = statistics.median(plain.ratios)
-    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
+    pair_ratio = statistics.median(plain.pair_ratios)
+    verdict = "meets" if min(ratio, pair_ratio) >= TARGET_RATIO else "MISSES"
     print(
-        f"engine (augment none) / baseline = {ratio:.3f} (batch-median "
-        f"{statistics.median(plain.batch_ratios):.3f}): {verdict} the target >= {TARGET_RATIO}"
+        f"engine (augment none) / baseline: {ratio:.3f} by epoch rates, {pair_ratio:.3f} by "
+        f"batch pairs: {verdict} the target >= {TARGET_RATIO}"
     )
     print(
-        "img/s: images / training seconds of the timed batches (engine: its EpochRow."
-        "images_per_second,\n  the interleaved baseline's time taken out); ratio: median over "
-        "runs of engine / the baseline of the same run;\n  batch-med: batch size / median "
-        "seconds of one batch, and its ratio, robust to bursts of load"
+        "img/s: median over runs of images / training seconds of the timed batches (engine: "
+        "its EpochRow\n  .images_per_second with the interleaved baseline's time taken out); "
+        "ratio: median over runs of\n  engine / the baseline of the same run; batch-med: batch "
+        "size / median seconds of one batch;\n  pairs: median over all timed batches of "
+        "baseline batch seconds / seconds of the engine batch just\n  before it (the estimate "
+        "least moved by bursts of load from other processes)"
     )
     if memory is None:
         print("peak RSS: skipped (--skip-rss) or failed (see above)")
@@ -620,12 +621,12 @@ def print_summary(
         print(f"  bare `import torch`            {memory.bare:8.0f} MiB")
         print(
             f"  hand-written loop              {memory.loop:8.0f} MiB  "
-            f"(+{memory.loop - memory.bare:.0f} over bare; {memory.loop_rate:.1f} img/s)"
+            f"(+{memory.loop - memory.bare:.0f} over bare)"
         )
         print(
             f"  engine, augment default        {memory.engine:8.0f} MiB  "
             f"(+{memory.engine - memory.bare:.0f} over bare, {memory.engine - memory.loop:+.0f} "
-            f"vs the loop; {memory.engine_rate:.1f} img/s)"
+            "vs the loop)"
         )
     print(f"total wall time {wall:.0f} s")
     print("=" * width)
@@ -665,15 +666,20 @@ def main(argv: list[str] | None = None) -> int:
                 loop = BaselineLoop(cfg.arch, n_classes, x, y, cfg.batch_size)
                 run = run_paired(cfg, root, source.name, loop, augment=mode)
                 print(
-                    f"    engine {run.engine_rate:6.1f} img/s, baseline {run.loop_rate:6.1f} "
-                    f"img/s: ratio {run.ratio:.3f} (batch-median {run.batch_ratio:.3f})",
+                    f"    [{time.perf_counter() - began:4.0f} s] engine {run.engine_rate:6.1f} "
+                    f"img/s, baseline {run.loop_rate:6.1f} img/s: ratio {run.ratio:.3f}, "
+                    f"batch-pair ratio {statistics.median(run.pair_ratios):.3f}",
                     flush=True,
                 )
-                loop_batch = cfg.batch_size / statistics.median(run.loop_batch_s)
-                engine_batch = cfg.batch_size / statistics.median(run.engine_batch_s)
-                baseline.add(run.loop_rate, 1.0, loop_batch, 1.0)
-                engines[mode].add(run.engine_rate, run.ratio, engine_batch, run.batch_ratio)
-                engines[mode].error_rate = run.error_rate
+                baseline.rates.append(run.loop_rate)
+                baseline.ratios.append(1.0)
+                baseline.batch_s.extend(run.loop_batch_s)
+                engine = engines[mode]
+                engine.rates.append(run.engine_rate)
+                engine.ratios.append(run.ratio)
+                engine.batch_s.extend(run.engine_batch_s)
+                engine.pair_ratios.extend(run.pair_ratios)
+                engine.error_rate = run.error_rate
                 del loop
                 gc.collect()
         fastai = Samples("fastai v1 cnn_learner", "not paired: ratio to the baseline's median")

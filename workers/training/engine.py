@@ -15,7 +15,7 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from shared.spec import ExperimentSpec, Stage
 from shared.spec_io import dump_spec
 from workers.training import plots
 from workers.training.checkpoint import load_checkpoint, read_latest, save_checkpoint, write_latest
-from workers.training.data import DataBunch, batch_seed, build_data
+from workers.training.data import Batch, DataBunch, batch_seed, build_data
 from workers.training.diagnosis import diagnose
 from workers.training.files import resolve_source
 from workers.training.interpret import interpret
@@ -36,6 +36,7 @@ from workers.training.learner import Learner, Precision
 from workers.training.loop import StageCursor, StopRequested, train_epoch, validate
 from workers.training.lr_finder import lr_find
 from workers.training.models import build_model, create_head, imagenet_weights_file
+from workers.training.prefetch import prefetch
 from workers.training.reporter import NullReporter, Reporter
 from workers.training.schedule import lr_range
 
@@ -271,14 +272,17 @@ class _Run:
     def per_rank_batch(self) -> int:
         return self.batch_size // self.runtime.world_size
 
-    def epoch_batches(self, seed: int, start: int = 0) -> Any:
-        return self.data.train_batches(
-            batch_size=self.per_rank_batch(),
-            seed=seed,
-            device=self.runtime.device,
-            rank=self.runtime.rank,
-            world_size=self.runtime.world_size,
-            start=start,
+    def epoch_batches(self, seed: int, start: int = 0) -> Iterator[Batch]:
+        """One epoch's training batches for this rank, prepared a batch or two ahead."""
+        return prefetch(
+            self.data.train_batches(
+                batch_size=self.per_rank_batch(),
+                seed=seed,
+                device=self.runtime.device,
+                rank=self.runtime.rank,
+                world_size=self.runtime.world_size,
+                start=start,
+            )
         )
 
     def run_stage(self, index: int, cursor: StageCursor) -> None:
