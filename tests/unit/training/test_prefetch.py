@@ -21,11 +21,10 @@ def test_an_error_in_the_source_reaches_the_consumer() -> None:
         yield 1
         raise ValueError("decode failed")
 
-    got = []
+    stream = prefetch(broken())
+    assert next(stream) == 1
     with pytest.raises(ValueError, match="decode failed"):
-        for item in prefetch(broken()):
-            got.append(item)
-    assert got == [1]
+        next(stream)
 
 
 def test_leaving_early_stops_the_thread() -> None:
