@@ -160,6 +160,41 @@ def run_local(
 
 
 @main.group()
+def db() -> None:
+    """The database schema (Alembic migrations: the only way it changes)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Migrate FITFLEET_DATABASE_URL up to REVISION."""
+    from shared.db.upgrade import current, upgrade
+
+    url = get_settings().database_url
+    upgrade(url, revision)
+    click.echo(f"database at {current(url)}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Migrate FITFLEET_DATABASE_URL down to REVISION (e.g. base)."""
+    from shared.db.upgrade import current, downgrade
+
+    url = get_settings().database_url
+    downgrade(url, revision)
+    click.echo(f"database at {current(url) or 'base'}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the database's revision."""
+    from shared.db.upgrade import current
+
+    click.echo(current(get_settings().database_url) or "base (empty)")
+
+
+@main.group()
 def data() -> None:
     """Build datasets for demos and tests (nothing is downloaded)."""
 

@@ -14,7 +14,7 @@ deps=$("$python" - "$here/pyproject.toml" <<'PY'
 import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 extras = project.get("optional-dependencies", {})
-wanted = project["dependencies"] + [d for name in ("worker", "dev") for d in extras.get(name, [])]
+wanted = project["dependencies"] + [d for name in ("api", "worker", "dev") for d in extras.get(name, [])]
 print("\n".join(wanted))
 PY
 )

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     weights_dir: Path | None = None
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     cache_dir: Path | None = None
+    # Where checkpoints, plots and reports go: file:///abs, memory:// or s3://bucket/prefix.
+    # Empty means file://<home>/artifacts (filled in by _derived, once home is known).
+    artifacts_url: str = ""
+    s3_endpoint_url: str | None = None  # MinIO, moto or another S3-compatible endpoint
+    s3_region: str = "us-east-1"
+    # Empty means the embedded default, sqlite:///<home>/fitfleet.db (filled in below).
+    database_url: str = Field("", validate_default=True)
 
     @field_validator("data_roots", mode="before")
     @classmethod
@@ -38,6 +45,15 @@ class Settings(BaseSettings):
             return [p.strip() for p in parts if p.strip()]
         return value
 
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _default_database_url(cls, value: str, info: ValidationInfo) -> str:
+        """Default to a SQLite file in ``home``: one machine, nothing to install."""
+        if value:
+            return value
+        home = Path(info.data.get("home") or _default_home()).expanduser()
+        return f"sqlite:///{(home / 'fitfleet.db').absolute()}"
+
     @model_validator(mode="after")
     def _derived(self) -> Settings:
         self.home = self.home.expanduser()
@@ -45,6 +61,8 @@ class Settings(BaseSettings):
             self.weights_dir = self.home / "weights"
         if self.cache_dir is None:
             self.cache_dir = self.home / "cache"
+        if not self.artifacts_url:
+            self.artifacts_url = (self.home / "artifacts").absolute().as_uri()
         if not self.data_roots:
             self.data_roots = [self.home / "datasets"]
         self.data_roots = [p.expanduser() for p in self.data_roots]

@@ -117,3 +117,18 @@ def test_missing_weights_name_the_file(tmp_path: Path, fitfleet_home: Path) -> N
 def test_resume_needs_a_run_folder(tmp_path: Path, fitfleet_home: Path) -> None:
     result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path / "s.yaml")), "--resume"])
     assert result.exit_code == 2 and "--resume needs --out" in result.output
+
+
+def test_db_upgrade_current_downgrade(tmp_path: Path, fitfleet_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.settings import get_settings
+
+    monkeypatch.setenv("FITFLEET_DATABASE_URL", f"sqlite:///{tmp_path / 'ff.db'}")
+    get_settings.cache_clear()
+    runner = CliRunner()
+    assert runner.invoke(main, ["db", "current"]).output.strip() == "base (empty)"
+    result = runner.invoke(main, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert "0001" in runner.invoke(main, ["db", "current"]).output
+    result = runner.invoke(main, ["db", "downgrade", "base"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(main, ["db", "current"]).output.strip() == "base (empty)"

@@ -17,7 +17,7 @@ from shared.spec import (
 )
 from shared.spec_io import load_spec_file, load_spec_text, spec_json_schema, validate_spec
 
-DESIGN = Path(__file__).resolve().parents[3] / "shared" / "design" / "experiment-spec.md"
+DESIGN_EXAMPLE = Path(__file__).resolve().parent / "fixtures" / "design-spec-example.yaml"
 
 
 def minimal(**extra: object) -> dict[str, object]:
@@ -39,8 +39,7 @@ def problems(document: dict[str, object] | str) -> dict[str, str]:
 
 
 def test_the_design_documents_example_is_valid() -> None:
-    text = DESIGN.read_text().split("```yaml")[1].split("```")[0]
-    spec = load_spec_text(text)
+    spec = load_spec_file(DESIGN_EXAMPLE)
     assert spec.name == "mnist-sample-3v7"
     assert spec.stages[1].lr_find_params is not None
     assert spec.stages[1].max_lr == [1e-6, 1e-4]
