@@ -119,7 +119,9 @@ def test_resume_needs_a_run_folder(tmp_path: Path, fitfleet_home: Path) -> None:
     assert result.exit_code == 2 and "--resume needs --out" in result.output
 
 
-def test_db_upgrade_current_downgrade(tmp_path: Path, fitfleet_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_db_upgrade_current_downgrade(
+    tmp_path: Path, fitfleet_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from shared.settings import get_settings
 
     monkeypatch.setenv("FITFLEET_DATABASE_URL", f"sqlite:///{tmp_path / 'ff.db'}")

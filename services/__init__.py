@@ -1,0 +1,1 @@
+"""fitfleet's server-side processes (the HTTP API); never imports torch or workers."""

@@ -1,0 +1,54 @@
+"""The app factory: settings in, a ready FastAPI app out; nothing is built at import.
+
+The engine and the artifact store are made here from the settings (and the
+engine disposed when the app shuts down), so each test can build an app on its
+own database. Importing this module must never load torch (a test checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.api.deps import AppContext
+from services.api.errors import MAX_BODY_BYTES, BodySizeLimit, install_error_handlers
+from services.api.routes import experiments, health, spec
+from shared.db.session import make_engine
+from shared.settings import Settings, get_settings
+from shared.storage.registry import open_store
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for ``settings`` (default: the process's, from ``FITFLEET_*``).
+
+    The database schema is not migrated here: deploys run ``fitfleet db upgrade``
+    first, and tests call :func:`shared.db.upgrade.upgrade`.
+    """
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+    store = open_store(
+        settings.artifacts_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_region=settings.s3_region,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="fitfleet",
+        summary="Train image classifiers the fastai way, as a service for a team.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.context = AppContext(settings=settings, engine=engine, store=store)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(experiments.router)
+    app.include_router(spec.router)
+    return app

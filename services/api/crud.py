@@ -1,0 +1,399 @@
+"""The experiments' database work behind the routes: keyword-only, one transaction each.
+
+Routes stay thin (parse, authorize, answer); everything that touches rows is
+here, written against an ``Engine`` so each function owns exactly one
+transaction through :func:`shared.db.session.session_scope` and commits before
+the route answers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import Boolean, ColumnElement, Engine, cast, func, literal, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from services.api.auth import Caller
+from services.api.errors import Forbidden
+from services.api.schemas import (
+    ArtifactList,
+    ArtifactRead,
+    EpochMetricRead,
+    ExperimentCreated,
+    ExperimentList,
+    ExperimentRead,
+    ExperimentSummary,
+)
+from shared.db.base import utcnow
+from shared.db.models import (
+    TERMINAL_STATES,
+    ExperimentState,
+    SqlArtifact,
+    SqlEpochMetric,
+    SqlEvent,
+    SqlExperiment,
+    SqlOutbox,
+    SqlProject,
+    SqlStage,
+    new_id,
+)
+from shared.db.session import session_scope
+from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
+from shared.spec import ExperimentSpec
+from shared.spec_io import dump_spec
+
+#: The Celery task a submission announces through the outbox (the api<->worker contract).
+TRAIN_TASK = "workers.train_run"
+
+MAX_PAGE = 200
+DEFAULT_PAGE = 50
+
+#: States a cancel ends at once: no worker holds the run yet.
+_CANCEL_NOW = frozenset({ExperimentState.QUEUED, ExperimentState.DISPATCHED})
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A submission's outcome: the run, and whether this call created it."""
+
+    experiment: ExperimentCreated
+    created: bool
+
+
+def spec_hash(document: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a validated spec (sorted keys, no spaces)."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def check_source(source: str, data_roots: list[Path]) -> None:
+    """Refuse a local ``data.source`` outside every data root.
+
+    Relative paths live under the first root; absolute paths and ``file://``
+    URLs must resolve (symlinks and ``..`` followed, existence not required:
+    the data may be mounted only on workers) inside one of the roots. S3
+    sources are the store's business, not the file system's.
+
+    Raises:
+        InvalidSpec: naming ``data.source``.
+    """
+    if source.startswith("s3://"):
+        return
+    raw = unquote(urlsplit(source).path) if source.startswith("file://") else source
+    path = Path(raw)
+    if not path.is_absolute():
+        path = data_roots[0] / path
+    resolved = path.resolve(strict=False)
+    if any(resolved.is_relative_to(root.resolve(strict=False)) for root in data_roots):
+        return
+    roots = ", ".join(str(r) for r in data_roots)
+    raise InvalidSpec(
+        [
+            FieldProblem(
+                "data.source",
+                f"{source!r} is outside the data roots ({roots}); "
+                "put the images under a data root or use an s3:// source",
+            )
+        ]
+    )
+
+
+def _find_by_key(session: Session, project: str, key: str) -> SqlExperiment | None:
+    return session.scalars(
+        select(SqlExperiment).where(
+            SqlExperiment.project_id == project, SqlExperiment.idempotency_key == key
+        )
+    ).first()
+
+
+def _replay(row: SqlExperiment, digest: str) -> Submitted:
+    if row.spec_hash != digest:
+        raise Conflict(
+            "this Idempotency-Key was already used with a different spec; "
+            "use a new key for a new experiment"
+        )
+    return Submitted(ExperimentCreated.model_validate(row), created=False)
+
+
+def _ensure_project(engine: Engine, project: str) -> None:
+    # Its own transaction: two admins submitting into a new project at once
+    # both end up with the one row (the loser's Conflict means it exists).
+    try:
+        with session_scope(engine) as session:
+            if session.get(SqlProject, project) is None:
+                session.add(SqlProject(id=project))
+    except Conflict:
+        pass
+
+
+def submit(
+    *, engine: Engine, caller: Caller, spec: ExperimentSpec, idempotency_key: str | None
+) -> Submitted:
+    """Queue ``spec``: the run, its outbox message and a submit event, in one transaction.
+
+    With an ``idempotency_key`` a retried submission (same key, same project,
+    same spec) returns the first run instead of creating another; concurrent
+    retries race on the (project, key) unique constraint and the losers read
+    the winner's row.
+
+    Raises:
+        Forbidden: a project token submitting into another project.
+        Conflict: the key was used before with a different spec.
+    """
+    if not caller.can_see(spec.project):
+        raise Forbidden(
+            f"this token belongs to project {caller.project!r} and cannot submit "
+            f"into project {spec.project!r}"
+        )
+    document = dump_spec(spec)
+    digest = spec_hash(document)
+    if idempotency_key is not None:
+        with session_scope(engine) as session:
+            existing = _find_by_key(session, spec.project, idempotency_key)
+            if existing is not None:
+                return _replay(existing, digest)
+    if caller.is_admin:
+        _ensure_project(engine, spec.project)
+    try:
+        with session_scope(engine) as session:
+            row = SqlExperiment(
+                id=new_id("exp"),
+                project_id=spec.project,
+                name=spec.name,
+                spec=document,
+                spec_hash=digest,
+                state=ExperimentState.QUEUED,
+                attempt=0,
+                queue=spec.resources.queue,
+                priority=spec.resources.priority,
+                submitted_by=caller.token_id,
+                idempotency_key=idempotency_key,
+                tags=list(spec.tags),
+                arch=spec.model.arch,
+                dataset=spec.data.source,
+            )
+            session.add(row)
+            session.flush()
+            session.add(
+                SqlOutbox(
+                    experiment_id=row.id,
+                    task=TRAIN_TASK,
+                    queue=row.queue,
+                    priority=row.priority,
+                    payload={"experiment_id": row.id},
+                )
+            )
+            session.add(
+                SqlEvent(
+                    experiment_id=row.id,
+                    kind="submit",
+                    message=f"submitted {spec.name!r} to queue {row.queue!r}",
+                    data={"idempotency_key": idempotency_key},
+                    actor=caller.token_id,
+                )
+            )
+            session.flush()
+            created = ExperimentCreated.model_validate(row)
+    except Conflict:
+        if idempotency_key is None:
+            raise
+        with session_scope(engine) as session:
+            existing = _find_by_key(session, spec.project, idempotency_key)
+            if existing is None:
+                raise
+            return _replay(existing, digest)
+    return Submitted(created, created=True)
+
+
+def _visible(session: Session, caller: Caller, experiment_id: str) -> SqlExperiment:
+    row = session.get(SqlExperiment, experiment_id)
+    # Another project's run is "not found", not "forbidden": its id is not
+    # something this caller should be able to confirm.
+    if row is None or not caller.can_see(row.project_id):
+        raise NotFound(f"no experiment {experiment_id!r}")
+    return row
+
+
+def _has_tag(dialect: str, tag: str) -> ColumnElement[bool]:
+    # JSON containment is spelled differently per backend: JSONB's @> on
+    # Postgres, json_each on SQLite.
+    if dialect == "postgresql":
+        wanted = cast(literal(json.dumps([tag])), JSONB)
+        return SqlExperiment.tags.op("@>", return_type=Boolean)(wanted)
+    each = func.json_each(SqlExperiment.tags).table_valued("value")
+    return select(each.c.value).where(each.c.value == tag).exists()
+
+
+def list_experiments(
+    *,
+    engine: Engine,
+    caller: Caller,
+    state: ExperimentState | None = None,
+    project: str | None = None,
+    tag: str | None = None,
+    name: str | None = None,
+    arch: str | None = None,
+    dataset: str | None = None,
+    limit: int = DEFAULT_PAGE,
+    offset: int = 0,
+) -> ExperimentList:
+    """A page of the runs the caller may see, newest first, and the total that match.
+
+    A project token always sees its own project only (a ``project`` filter
+    naming another one yields nothing); an admin sees every project unless it
+    filters.
+    """
+    conditions: list[ColumnElement[bool]] = []
+    if not caller.is_admin:
+        conditions.append(SqlExperiment.project_id == caller.project)
+    if project is not None:
+        conditions.append(SqlExperiment.project_id == project)
+    if state is not None:
+        conditions.append(SqlExperiment.state == state)
+    if name:
+        conditions.append(func.lower(SqlExperiment.name).contains(name.lower(), autoescape=True))
+    if arch is not None:
+        conditions.append(SqlExperiment.arch == arch)
+    if dataset is not None:
+        conditions.append(SqlExperiment.dataset == dataset)
+    with session_scope(engine) as session:
+        if tag is not None:
+            conditions.append(_has_tag(engine.dialect.name, tag))
+        total = session.scalar(select(func.count()).select_from(SqlExperiment).where(*conditions))
+        rows = session.scalars(
+            select(SqlExperiment)
+            .where(*conditions)
+            .order_by(SqlExperiment.created_at.desc(), SqlExperiment.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
+        items = [ExperimentSummary.model_validate(r) for r in rows]
+    return ExperimentList(items=items, count=total or 0, limit=limit, offset=offset)
+
+
+def get_experiment(*, engine: Engine, caller: Caller, experiment_id: str) -> ExperimentRead:
+    """One run with its latest epoch row, or :class:`NotFound`."""
+    with session_scope(engine) as session:
+        row = _visible(session, caller, experiment_id)
+        latest = session.scalars(
+            select(SqlEpochMetric)
+            .where(SqlEpochMetric.experiment_id == row.id)
+            .order_by(SqlEpochMetric.recorded_at.desc(), SqlEpochMetric.epoch.desc())
+            .limit(1)
+        ).first()
+        summary = ExperimentSummary.model_validate(row)
+        return ExperimentRead(
+            **summary.model_dump(),
+            current_stage=row.current_stage,
+            current_epoch=row.current_epoch,
+            error=row.error,
+            submitted_by=row.submitted_by,
+            latest_metrics=EpochMetricRead.model_validate(latest) if latest else None,
+            spec=row.spec,
+        )
+
+
+def list_metrics(*, engine: Engine, caller: Caller, experiment_id: str) -> list[EpochMetricRead]:
+    """Every epoch row of a run, in stage order (the spec's), then epoch."""
+    with session_scope(engine) as session:
+        row = _visible(session, caller, experiment_id)
+        position = (
+            select(SqlStage.position)
+            .where(SqlStage.experiment_id == row.id, SqlStage.name == SqlEpochMetric.stage)
+            .scalar_subquery()
+        )
+        metrics = session.scalars(
+            select(SqlEpochMetric)
+            .where(SqlEpochMetric.experiment_id == row.id)
+            .order_by(
+                func.coalesce(position, 1_000_000), SqlEpochMetric.stage, SqlEpochMetric.epoch
+            )
+        ).all()
+        return [EpochMetricRead.model_validate(m) for m in metrics]
+
+
+_CSV_HEAD = ["stage", "epoch", "attempt", "train_loss", "valid_loss"]
+_CSV_TAIL = ["seconds", "images_per_second", "lr", "batch_size", "recorded_at"]
+
+
+def metrics_csv(rows: list[EpochMetricRead]) -> str:
+    """The epoch table as CSV, one column per metric name seen in any row."""
+    names = sorted({name for r in rows for name in r.metrics})
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*_CSV_HEAD, *names, *_CSV_TAIL])
+    for r in rows:
+        writer.writerow(
+            [
+                r.stage,
+                r.epoch,
+                r.attempt,
+                "" if r.train_loss is None else r.train_loss,
+                "" if r.valid_loss is None else r.valid_loss,
+                *("" if r.metrics.get(n) is None else r.metrics[n] for n in names),
+                r.seconds,
+                r.images_per_second,
+                r.lr,
+                "" if r.batch_size is None else r.batch_size,
+                r.recorded_at.isoformat(),
+            ]
+        )
+    return out.getvalue()
+
+
+def cancel(*, engine: Engine, caller: Caller, experiment_id: str) -> ExperimentSummary:
+    """Cancel a run: at once if no worker has it, else ask the worker to stop.
+
+    A queued or dispatched run becomes ``cancelled`` (a worker that later
+    receives its message finds it cancelled and skips it); a running run gets
+    ``cancel_requested`` and its worker stops after saving a checkpoint.
+    Either way an audit event names the caller.
+
+    Raises:
+        NotFound: no such run visible to the caller.
+        Conflict: the run already ended.
+    """
+    with session_scope(engine) as session:
+        row = _visible(session, caller, experiment_id)
+        # Lock the row (Postgres) so a worker's claim and this cancel serialize.
+        session.refresh(row, with_for_update=True)
+        if row.state in TERMINAL_STATES:
+            raise Conflict(f"experiment {row.id} already {row.state.value}; nothing to cancel")
+        previous = row.state
+        if previous in _CANCEL_NOW:
+            row.state = ExperimentState.CANCELLED
+            row.finished_at = utcnow()
+            kind, message = "cancel", f"cancelled while {previous.value}"
+        else:
+            row.cancel_requested = True
+            kind, message = "cancel_requested", "cancel requested; the worker stops at a checkpoint"
+        session.add(
+            SqlEvent(
+                experiment_id=row.id,
+                kind=kind,
+                message=message,
+                data={"from_state": previous.value},
+                actor=caller.token_id,
+            )
+        )
+        session.flush()
+        return ExperimentSummary.model_validate(row)
+
+
+def list_artifacts(*, engine: Engine, caller: Caller, experiment_id: str) -> ArtifactList:
+    """Every artifact row of a run, oldest first."""
+    with session_scope(engine) as session:
+        row = _visible(session, caller, experiment_id)
+        artifacts = session.scalars(
+            select(SqlArtifact).where(SqlArtifact.experiment_id == row.id).order_by(SqlArtifact.id)
+        ).all()
+        items = [ArtifactRead.model_validate(a) for a in artifacts]
+    return ArtifactList(items=items, count=len(items))

@@ -1,0 +1,1 @@
+"""One ``APIRouter`` per resource; :mod:`services.api.app` mounts them."""

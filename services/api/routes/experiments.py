@@ -1,0 +1,176 @@
+"""``/v1/experiments``: submit a spec, list and read runs, their metrics and artifacts, cancel.
+
+Every route needs a bearer token (:data:`services.api.deps.CallerDep`); the
+database work lives in :mod:`services.api.crud`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from services.api import crud
+from services.api.deps import CallerDep, EngineDep, SettingsDep
+from services.api.errors import UnsupportedMediaType
+from services.api.schemas import (
+    ArtifactList,
+    EpochMetricRead,
+    ExperimentCreated,
+    ExperimentList,
+    ExperimentRead,
+    ExperimentSummary,
+)
+from shared.db.models import ExperimentState
+from shared.errors import FieldProblem, InvalidSpec
+from shared.spec_io import parse_spec_text, validate_spec
+
+router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
+
+YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
+JSON_TYPES = frozenset({"application/json", ""})
+
+_SPEC_HINT = "an experiment spec, version 1; its JSON Schema is served at /v1/spec/schema"
+
+# The body is read raw (JSON or YAML), so its shape is declared here for /docs.
+_SUBMIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"type": "object", "description": _SPEC_HINT}},
+            "application/yaml": {"schema": {"type": "string", "description": _SPEC_HINT}},
+        },
+    }
+}
+
+
+def _document(raw: bytes, content_type: str) -> dict[str, Any]:
+    """The spec mapping from a JSON or YAML body; InvalidSpec names ``body`` when unreadable."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidSpec([FieldProblem("body", "the body is not UTF-8 text")]) from exc
+    if media in YAML_TYPES:
+        return parse_spec_text(text, source="body")
+    if media not in JSON_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {media!r} is not accepted: send application/json or application/yaml"
+        )
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidSpec([FieldProblem("body", f"not valid JSON: {exc}")]) from exc
+    if not isinstance(document, dict):
+        raise InvalidSpec([FieldProblem("body", "the spec must be a JSON object")])
+    return document
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ExperimentCreated,
+    openapi_extra=_SUBMIT_BODY,
+    responses={200: {"description": "an earlier submission with the same Idempotency-Key"}},
+)
+async def submit_experiment(
+    request: Request,
+    response: Response,
+    caller: CallerDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
+) -> ExperimentCreated:
+    """Queue a run from a spec (JSON, or YAML with a YAML Content-Type).
+
+    A 422 lists every field problem; nothing is queued then. Without a
+    ``project`` the spec goes into the token's project.
+    """
+    document = _document(await request.body(), request.headers.get("content-type", ""))
+    if "project" not in document and caller.project is not None:
+        document["project"] = caller.project
+    spec = validate_spec(document)
+    crud.check_source(spec.data.source, settings.data_roots)
+    outcome = await run_in_threadpool(
+        lambda: crud.submit(
+            engine=engine, caller=caller, spec=spec, idempotency_key=idempotency_key
+        )
+    )
+    if not outcome.created:
+        response.status_code = 200
+    return outcome.experiment
+
+
+@router.get("", response_model=ExperimentList)
+def list_experiments(
+    caller: CallerDep,
+    engine: EngineDep,
+    state: ExperimentState | None = None,
+    project: Annotated[str | None, Query(max_length=64)] = None,
+    tag: str | None = None,
+    name: Annotated[str | None, Query(description="substring, case-insensitive")] = None,
+    arch: str | None = None,
+    dataset: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = crud.DEFAULT_PAGE,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ExperimentList:
+    """Runs the caller may see, newest first; ``count`` is the total matching."""
+    return crud.list_experiments(
+        engine=engine,
+        caller=caller,
+        state=state,
+        project=project,
+        tag=tag,
+        name=name,
+        arch=arch,
+        dataset=dataset,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{experiment_id}", response_model=ExperimentRead)
+def get_experiment(experiment_id: str, caller: CallerDep, engine: EngineDep) -> ExperimentRead:
+    """One run: state, attempt, current stage and epoch, latest metrics, error, spec."""
+    return crud.get_experiment(engine=engine, caller=caller, experiment_id=experiment_id)
+
+
+@router.get(
+    "/{experiment_id}/metrics",
+    response_model=list[EpochMetricRead],
+    responses={200: {"content": {"text/csv": {}}}},
+)
+def get_metrics(
+    experiment_id: str,
+    caller: CallerDep,
+    engine: EngineDep,
+    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> Any:
+    """The epoch table as JSON, or CSV with ``?format=csv`` or ``Accept: text/csv``."""
+    rows = crud.list_metrics(engine=engine, caller=caller, experiment_id=experiment_id)
+    wants_csv = format == "csv" or (format is None and "text/csv" in (accept or ""))
+    if wants_csv:
+        return PlainTextResponse(
+            crud.metrics_csv(rows),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{experiment_id}-metrics.csv"'},
+        )
+    return rows
+
+
+@router.post("/{experiment_id}/cancel", response_model=ExperimentSummary)
+def cancel_experiment(
+    experiment_id: str, caller: CallerDep, engine: EngineDep
+) -> ExperimentSummary:
+    """Cancel now (queued) or ask the worker to stop (running); 409 once it has ended."""
+    return crud.cancel(engine=engine, caller=caller, experiment_id=experiment_id)
+
+
+@router.get("/{experiment_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(experiment_id: str, caller: CallerDep, engine: EngineDep) -> ArtifactList:
+    """Every file the run produced (checkpoints, plots, report) and its URI."""
+    return crud.list_artifacts(engine=engine, caller=caller, experiment_id=experiment_id)
