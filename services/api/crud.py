@@ -47,11 +47,11 @@ from shared.db.models import (
 )
 from shared.db.session import session_scope
 from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
+from shared.runs import TRAIN_TASK
 from shared.spec import ExperimentSpec
 from shared.spec_io import dump_spec
 
 #: The Celery task a submission announces through the outbox (the api<->worker contract).
-TRAIN_TASK = "workers.train_run"
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50

@@ -1,0 +1,162 @@
+"""The outbox relay: publish what the API committed, exactly as it committed it.
+
+The API never talks to the broker. It writes an experiment and an
+:class:`~shared.db.models.SqlOutbox` row in one transaction, so a message
+exists if and only if the run does; :func:`relay_outbox` then publishes unsent
+rows and marks them sent. Rows are locked ``FOR UPDATE SKIP LOCKED``, so any
+number of relays can run side by side and each row goes to exactly one of
+them. A crash between publish and commit publishes the row again next time,
+which is why delivery is at least once and the worker's lease
+(:mod:`shared.runs`) is what keeps a run from training twice.
+
+Publishing is a plain callable so the relay is testable without a broker;
+:func:`celery_publisher` adapts a Celery app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.db.models import TERMINAL_STATES, ExperimentState, SqlExperiment, SqlOutbox
+
+logger = logging.getLogger(__name__)
+
+#: ``last_error`` is for people reading a stuck row, not for whole tracebacks.
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One message to publish: where, how urgent, and the task's keyword arguments."""
+
+    task: str
+    queue: str
+    priority: int
+    payload: dict[str, Any]
+    outbox_id: int
+    experiment_id: str
+
+
+Publish = Callable[[OutboxMessage], None]
+
+
+class TaskSender(Protocol):
+    """The one method of ``celery.Celery`` the relay needs (so shared/ never imports celery)."""
+
+    def send_task(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Publish task ``name``; see ``celery.Celery.send_task``."""
+        ...
+
+
+def relay_outbox(session: Session, publish: Publish, *, limit: int = 100, now: datetime) -> int:
+    """Publish up to ``limit`` unsent outbox rows; return how many were published.
+
+    Order is the spec's priority (higher first, 0..9) then submission order,
+    so when the relay falls behind the urgent runs go out first. For each row:
+
+    * the run was cancelled (or a cancel is pending) or is already terminal:
+      mark the row sent without publishing, a worker would only refuse it;
+    * otherwise publish, mark the row sent and move the run from ``queued`` to
+      ``dispatched`` (only from ``queued``: a fast worker may already have
+      claimed it, and a cancel may have landed meanwhile);
+    * publish raised: count the attempt, keep the error, leave the row unsent
+      for the next pass. One broken message or a broker hiccup must not stop
+      the rest of the batch, so nothing is raised.
+
+    Runs in the caller's transaction and does not commit; the locks are held
+    until the caller commits, which is what keeps a second relay off these rows.
+    """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError(f"naive datetime {now!r}: pass an aware UTC datetime")
+    rows = session.scalars(
+        select(SqlOutbox)
+        .where(SqlOutbox.sent_at.is_(None))
+        .order_by(SqlOutbox.priority.desc(), SqlOutbox.id.asc())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return 0
+    runs: dict[str, tuple[ExperimentState, bool]] = {
+        run.id: (run.state, run.cancel_requested)
+        for run in session.execute(
+            select(SqlExperiment.id, SqlExperiment.state, SqlExperiment.cancel_requested).where(
+                SqlExperiment.id.in_({row.experiment_id for row in rows})
+            )
+        )
+    }
+    published = 0
+    for row in rows:
+        state, cancel_requested = runs[row.experiment_id]  # the foreign key guarantees it
+        if cancel_requested or state in TERMINAL_STATES:
+            row.sent_at = now
+            logger.info(
+                "outbox %s not published: run %s is %s",
+                row.id,
+                row.experiment_id,
+                "cancelling" if cancel_requested else state,
+            )
+            continue
+        message = OutboxMessage(
+            task=row.task,
+            queue=row.queue,
+            priority=row.priority,
+            payload=dict(row.payload),
+            outbox_id=row.id,
+            experiment_id=row.experiment_id,
+        )
+        try:
+            publish(message)
+        except Exception as exc:  # any broker or serializer error; retried next pass
+            row.attempts += 1
+            row.last_error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            logger.warning(
+                "publishing outbox %s (run %s) failed, attempt %d",
+                row.id,
+                row.experiment_id,
+                row.attempts,
+                exc_info=True,
+            )
+            continue
+        row.sent_at = now
+        session.execute(
+            update(SqlExperiment)
+            .where(
+                SqlExperiment.id == row.experiment_id,
+                SqlExperiment.state == ExperimentState.QUEUED,
+            )
+            .values(state=ExperimentState.DISPATCHED, updated_at=now)
+            .execution_options(synchronize_session="fetch")
+        )
+        published += 1
+    session.flush()
+    return published
+
+
+def celery_publisher(app: TaskSender) -> Publish:
+    """A ``publish`` for :func:`relay_outbox` that sends through a Celery app.
+
+    The payload becomes the task's keyword arguments. ``priority`` is passed
+    through unchanged: it means "higher first" on RabbitMQ; Redis emulates
+    priorities with 0 as the highest, so a Redis deployment either maps it or
+    relies on the relay's database ordering (see the pitfalls reference).
+    Celery itself is only touched through ``app``, so importing this module
+    never imports celery.
+    """
+
+    def publish(message: OutboxMessage) -> None:
+        app.send_task(
+            message.task,
+            kwargs=message.payload,
+            queue=message.queue,
+            priority=message.priority,
+        )
+
+    return publish
