@@ -30,12 +30,10 @@ forward + backward + optimizer step on every batch.  Only training time is
 counted on both sides (the engine's rate excludes validation and checkpoints).
 What the engine does more is exactly its overhead: per-batch cropping,
 uint8->float, normalization, schedule, loss smoothing, recorder points and
-callbacks.  Runs are interleaved (baseline, engine, engine-augmented, then the
-reverse order) and the median of each is reported, because the machine is noisy.
-Beside the headline rate (images / training seconds) the table gives a
-"batch-median" rate, batch size / median seconds per batch (taken between the
-engine's ``on_batch`` calls), which one burst of load from another process
-cannot move much.
+callbacks.  The two are interleaved batch by batch (see :class:`PairedTimer`): the machine
+is shared, and consecutive runs of the very same loop were seen to differ 2.5x.
+Beside the ratio of rates, the table gives the median over all batches of a
+per-batch ratio (see :class:`Samples`), which one burst of load cannot move much.
 
 Run:  ``PYTHONPATH=. python bench/engine.py`` (``--quick`` for a smoke run).
 """
@@ -122,17 +120,16 @@ class Samples:
 
     ``rates``: per run, images / training seconds of the timed batches.
     ``ratios``: per run, that rate over the baseline's rate *in the same run*.
-    ``batch_s``: the seconds of every timed batch, all runs pooled.
-    ``pair_ratios``: for every timed engine batch, the seconds of the baseline
-    batch run right after it / its own seconds (all runs pooled); its median is
-    the estimate a burst of load from another process moves least.
+    ``pair_ratios``: for every timed engine batch, the mean seconds of the two
+    baseline batches run just before and just after it / its own seconds (all
+    runs pooled); its median is the estimate a burst of load from another
+    process moves least.
     """
 
     label: str
     note: str = ""
     rates: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
-    batch_s: list[float] = field(default_factory=list)
     pair_ratios: list[float] = field(default_factory=list)
     error_rate: float | None = None
 
@@ -281,9 +278,7 @@ class PairedRun:
 
     engine_rate: float  # from the EpochRows, the baseline's stolen time taken out
     loop_rate: float
-    engine_batch_s: list[float]
-    loop_batch_s: list[float]
-    pair_ratios: list[float]  # baseline batch s / the engine batch just before it
+    pair_ratios: list[float]  # mean s of the 2 baseline batches around an engine batch / its s
     error_rate: float | None
 
     @property
@@ -312,13 +307,15 @@ def run_paired(
         engine_seconds += seen / row.images_per_second - timer.stolen[row.epoch]
         loop_seconds += sum(loop_s)
         images += seen
-        # engine_s[k] is engine batch k+1 (batch 0's start is unknown); loop_s[k+1] follows it.
-        pairs.extend(lo / en for en, lo in zip(engine_s, loop_s[1:], strict=True))
+        # engine_s[k] is engine batch k+1 (batch 0's start is unknown): loop_s[k] ran just
+        # before it and loop_s[k+1] just after, so their mean cancels a load that drifts.
+        pairs.extend(
+            (before + after) / 2 / en
+            for en, before, after in zip(engine_s, loop_s[:-1], loop_s[1:], strict=True)
+        )
     return PairedRun(
         engine_rate=images / engine_seconds,
         loop_rate=images / loop_seconds,
-        engine_batch_s=[t for row in rows for t in timer.engine_s[row.epoch]],
-        loop_batch_s=[t for row in rows for t in timer.loop_s[row.epoch]],
         pair_ratios=pairs,
         error_rate=report.stages[0].rows[-1].metrics.get("error_rate"),
     )
@@ -498,7 +495,9 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path | None, str]:
     parser.add_argument(
         "--epochs", type=int, help=f"engine epochs per run, the first is warm-up ({FULL.epochs})"
     )
-    parser.add_argument("--reps", type=int, help=f"repetitions of each contender ({FULL.reps})")
+    parser.add_argument(
+        "--reps", type=int, help=f"runs per engine mode, each with its baseline ({FULL.reps})"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--rss-arch", help=f"network for the peak-RSS epoch ({FULL.rss_arch})")
     parser.add_argument("--rss-size", type=int, help=f"image size for it ({FULL.rss_size})")
@@ -568,36 +567,32 @@ def print_summary(
     )
     print(
         f"each run: {cfg.epochs} engine epochs, epoch 0 = warm-up; epochs 1..{cfg.epochs - 1} "
-        f"timed ({batches} batches), one baseline batch after each engine batch; "
+        f"timed ({batches} batches), a baseline batch after each engine batch; "
         f"{cfg.reps} rep(s) per mode, medians"
     )
     print(rule)
-    print(
-        f"{'train throughput':<27}{'img/s':>7}{'ratio':>7}{'batch-med':>11}{'pairs':>7}   "
-        "runs: img/s (ratio)"
-    )
+    print(f"{'train throughput':<27}{'img/s':>7}{'ratio':>7}{'pairs':>7}   runs: img/s (ratio)")
     print(rule)
     for row in rows:
         notes = [row.note] if row.note else []
         if row.error_rate is not None:
             notes.insert(0, f"final error_rate {row.error_rate:.3f}")
         if row.rates:
-            batch = f"{cfg.batch_size / statistics.median(row.batch_s):.1f}" if row.batch_s else "-"
             pairs = _median(row.pair_ratios) if row is not rows[0] else "1"
             runs = ", ".join(
                 f"{r:.1f} ({q:.2f})" for r, q in zip(row.rates, row.ratios, strict=True)
             )
             print(
                 f"{row.label:<27}{statistics.median(row.rates):>7.1f}{_median(row.ratios):>7}"
-                f"{batch:>11}{pairs:>7}   {runs}"
+                f"{pairs:>7}   {runs}"
             )
         else:
-            print(f"{row.label:<27}{'-':>7}{'-':>7}{'-':>11}{'-':>7}")
+            print(f"{row.label:<27}{'-':>7}{'-':>7}{'-':>7}")
         if notes:
             print(f"{'':<27}  ({'; '.join(notes)})")
     print(rule)
     ratio = statistics.median(plain.ratios)
-    pair_ratio = statistics.median(plain.pair_ratios)
+    pair_ratio = statistics.median(plain.pair_ratios) if plain.pair_ratios else ratio
     verdict = "meets" if min(ratio, pair_ratio) >= TARGET_RATIO else "MISSES"
     print(
         f"engine (augment none) / baseline: {ratio:.3f} by epoch rates, {pair_ratio:.3f} by "
@@ -605,11 +600,11 @@ def print_summary(
     )
     print(
         "img/s: median over runs of images / training seconds of the timed batches (engine: "
-        "its EpochRow\n  .images_per_second with the interleaved baseline's time taken out); "
-        "ratio: median over runs of\n  engine / the baseline of the same run; batch-med: batch "
-        "size / median seconds of one batch;\n  pairs: median over all timed batches of "
-        "baseline batch seconds / seconds of the engine batch just\n  before it (the estimate "
-        "least moved by bursts of load from other processes)"
+        "its EpochRow\n  .images_per_second with the interleaved baseline's time taken out)."
+        "  ratio: median over runs of\n  engine img/s / baseline img/s of the same run.  pairs: "
+        "median over all timed engine batches\n  of (mean seconds of the baseline batches just "
+        "before and after it) / its seconds: the\n  estimate least moved by bursts of load from "
+        "other processes; trust it over ratio when they differ"
     )
     if memory is None:
         print("peak RSS: skipped (--skip-rss) or failed (see above)")
@@ -668,16 +663,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"    [{time.perf_counter() - began:4.0f} s] engine {run.engine_rate:6.1f} "
                     f"img/s, baseline {run.loop_rate:6.1f} img/s: ratio {run.ratio:.3f}, "
-                    f"batch-pair ratio {statistics.median(run.pair_ratios):.3f}",
+                    f"pairs {_median(run.pair_ratios)}",
                     flush=True,
                 )
                 baseline.rates.append(run.loop_rate)
                 baseline.ratios.append(1.0)
-                baseline.batch_s.extend(run.loop_batch_s)
                 engine = engines[mode]
                 engine.rates.append(run.engine_rate)
                 engine.ratios.append(run.ratio)
-                engine.batch_s.extend(run.engine_batch_s)
                 engine.pair_ratios.extend(run.pair_ratios)
                 engine.error_rate = run.error_rate
                 del loop
