@@ -195,6 +195,70 @@ def db_current() -> None:
 
 
 @main.group()
+def token() -> None:
+    """API tokens: one project each, or admin over all (stored hashed)."""
+
+
+@token.command("create")
+@click.option("--project", help="The project the token may see and change.")
+@click.option(
+    "--admin", is_flag=True, help="A token over every project, the fleet and the dashboard."
+)
+@click.option("--name", default="", help="A note saying whose token it is.")
+def token_create(project: str | None, admin: bool, name: str) -> None:
+    """Create a token and print its secret (shown once, stored only as a hash)."""
+    from services.api.tokens import create_token
+    from shared.db.session import make_engine, session_scope
+
+    if project is None and not admin:
+        err_console.print("[red]--project is required unless --admin[/]")
+        sys.exit(EXIT_BAD_INPUT)
+    engine = make_engine(get_settings().database_url)
+    try:
+        with session_scope(engine) as session:
+            token_id, secret = create_token(session, project, admin, name=name)
+    finally:
+        engine.dispose()
+    click.echo(f"token {token_id} for {'every project (admin)' if admin else project}")
+    click.echo(secret)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by its id: it stops working at once."""
+    from datetime import UTC, datetime
+
+    from shared.db.models import SqlApiToken
+    from shared.db.session import make_engine, session_scope
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        with session_scope(engine) as session:
+            row = session.get(SqlApiToken, token_id)
+            if row is None:
+                err_console.print(f"[red]no token {token_id}[/]")
+                sys.exit(EXIT_BAD_INPUT)
+            if row.revoked_at is None:
+                row.revoked_at = datetime.now(UTC)
+    finally:
+        engine.dispose()
+    click.echo(f"token {token_id} revoked")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def api(host: str, port: int) -> None:
+    """Serve the HTTP API (uvicorn) on FITFLEET_DATABASE_URL and FITFLEET_ARTIFACTS_URL."""
+    import uvicorn
+
+    from services.api.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+@main.group()
 def data() -> None:
     """Build datasets for demos and tests (nothing is downloaded)."""
 

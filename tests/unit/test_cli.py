@@ -134,3 +134,31 @@ def test_db_upgrade_current_downgrade(
     result = runner.invoke(main, ["db", "downgrade", "base"])
     assert result.exit_code == 0, result.output
     assert runner.invoke(main, ["db", "current"]).output.strip() == "base (empty)"
+
+
+def test_token_create_then_use_then_revoke(
+    tmp_path: Path, fitfleet_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from shared.db.upgrade import upgrade
+    from shared.settings import get_settings
+
+    url = f"sqlite:///{tmp_path / 'ff.db'}"
+    monkeypatch.setenv("FITFLEET_DATABASE_URL", url)
+    get_settings.cache_clear()
+    upgrade(url)
+    runner = CliRunner()
+    assert runner.invoke(main, ["token", "create"]).exit_code == 2
+    created = runner.invoke(main, ["token", "create", "--project", "vision"])
+    assert created.exit_code == 0, created.output
+    token_id = created.output.split()[1]
+    secret = created.output.strip().splitlines()[-1]
+    assert secret.startswith("ff_")
+    with TestClient(create_app(get_settings())) as client:
+        headers = {"Authorization": f"Bearer {secret}"}
+        assert client.get("/v1/experiments", headers=headers).status_code == 200
+        assert runner.invoke(main, ["token", "revoke", token_id]).exit_code == 0
+        assert client.get("/v1/experiments", headers=headers).status_code == 401
+    assert runner.invoke(main, ["token", "revoke", "tok_nope"]).exit_code == 2
