@@ -360,7 +360,8 @@ class SqlOutbox(Base):
     """A message to publish, written in the same transaction as the change it announces.
 
     The dispatcher reads unsent rows (``sent_at IS NULL``, served by a partial
-    index, lowest ``priority`` value first then oldest), publishes ``task`` to
+    index), highest ``priority`` first (the spec's 9 is the most urgent) then
+    oldest, publishes ``task`` to
     ``queue`` with ``payload``, and sets ``sent_at``. ``attempts`` and
     ``last_error`` record failed publishes.
     """
