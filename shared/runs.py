@@ -76,6 +76,20 @@ def _check_ttl(ttl_s: float) -> None:
         raise ValueError(f"ttl_s must be positive, got {ttl_s!r}")
 
 
+def train_message(experiment: SqlExperiment, *, now: datetime | None = None) -> SqlOutbox:
+    """The outbox row that asks a worker to train (or resume) ``experiment``."""
+    message = SqlOutbox(
+        experiment_id=experiment.id,
+        task=TRAIN_TASK,
+        queue=experiment.queue,
+        priority=experiment.priority,
+        payload={"experiment_id": experiment.id},
+    )
+    if now is not None:
+        message.created_at = now
+    return message
+
+
 def claim_run(
     session: Session, *, experiment_id: str, worker_id: str, ttl_s: float, now: datetime
 ) -> Claim | None:
@@ -273,16 +287,7 @@ def requeue_expired(session: Session, *, now: datetime, limit: int = 100) -> lis
             kind, message = "failed", row.error
         else:
             row.state = ExperimentState.QUEUED
-            session.add(
-                SqlOutbox(
-                    experiment_id=row.id,
-                    task=TRAIN_TASK,
-                    queue=row.queue,
-                    priority=row.priority,
-                    payload={"experiment_id": row.id},
-                    created_at=now,
-                )
-            )
+            session.add(train_message(row, now=now))
             kind = "requeued"
             message = f"lease of {lost_owner} expired during attempt {row.attempt}; requeued"
         session.add(

@@ -40,14 +40,13 @@ from shared.db.models import (
     SqlEpochMetric,
     SqlEvent,
     SqlExperiment,
-    SqlOutbox,
     SqlProject,
     SqlStage,
     new_id,
 )
 from shared.db.session import session_scope
 from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
-from shared.runs import TRAIN_TASK
+from shared.runs import train_message
 from shared.spec import ExperimentSpec
 from shared.spec_io import dump_spec
 
@@ -182,15 +181,7 @@ def submit(
             )
             session.add(row)
             session.flush()
-            session.add(
-                SqlOutbox(
-                    experiment_id=row.id,
-                    task=TRAIN_TASK,
-                    queue=row.queue,
-                    priority=row.priority,
-                    payload={"experiment_id": row.id},
-                )
-            )
+            session.add(train_message(row))
             session.add(
                 SqlEvent(
                     experiment_id=row.id,

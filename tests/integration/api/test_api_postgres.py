@@ -7,7 +7,6 @@ drops it at the end. An unreachable server fails these tests; it never skips the
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -15,24 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from psycopg import sql
 from sqlalchemy import func, select
 
 from services.api.app import create_app
 from services.api.tokens import create_token
 from shared.db.models import SqlEvent, SqlExperiment, SqlOutbox
-from shared.db.session import make_engine, normalize_url, session_scope
-from shared.db.upgrade import upgrade
+from shared.db.session import make_engine, session_scope
 from shared.settings import Settings
+from tests.integration.pg import temporary_database
 
 pytestmark = pytest.mark.integration
-
-ADMIN_URL = os.environ.get(
-    "FITFLEET_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 
 CONCURRENT = 20
 
@@ -40,23 +33,8 @@ CONCURRENT = 20
 @pytest.fixture(scope="module")
 def api_pg_url() -> Iterator[str]:
     """A fresh, migrated database for this module, dropped afterwards."""
-    admin_dsn = normalize_url(ADMIN_URL).set(drivername="postgresql")
-    dsn = admin_dsn.render_as_string(hide_password=False)
-    name = f"fitfleet_api_test_{secrets.token_hex(6)}"
-    try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"Postgres is not reachable at {admin_dsn!r}: {exc}", pytrace=False)
-    url = normalize_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
+    with temporary_database("api_test") as url:
         yield url
-    finally:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 @pytest.fixture
