@@ -50,5 +50,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(experiments.router)
+    app.include_router(experiments.compare_router)
     app.include_router(spec.router)
     return app

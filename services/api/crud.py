@@ -22,15 +22,20 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from services.api.auth import Caller
+from services.api.compare import best_values, spec_differences
 from services.api.errors import Forbidden
 from services.api.schemas import (
     ArtifactList,
     ArtifactRead,
+    ComparedRun,
+    Comparison,
     EpochMetricRead,
     ExperimentCreated,
     ExperimentList,
     ExperimentRead,
     ExperimentSummary,
+    LrFindRead,
+    LrFindStage,
 )
 from shared.db.base import utcnow
 from shared.db.models import (
@@ -40,6 +45,7 @@ from shared.db.models import (
     SqlEpochMetric,
     SqlEvent,
     SqlExperiment,
+    SqlLrFindPoint,
     SqlProject,
     SqlStage,
     new_id,
@@ -54,6 +60,7 @@ from shared.spec_io import dump_spec
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
+MAX_COMPARED = 20
 
 #: States a cancel ends at once: no worker holds the run yet.
 _CANCEL_NOW = frozenset({ExperimentState.QUEUED, ExperimentState.DISPATCHED})
@@ -388,3 +395,63 @@ def list_artifacts(*, engine: Engine, caller: Caller, experiment_id: str) -> Art
         ).all()
         items = [ArtifactRead.model_validate(a) for a in artifacts]
     return ArtifactList(items=items, count=len(items))
+
+
+def lr_find_curves(*, engine: Engine, caller: Caller, experiment_id: str) -> LrFindRead:
+    """The finder's points per stage, in stage order, with the stage's suggestion."""
+    with session_scope(engine) as session:
+        row = _visible(session, caller, experiment_id)
+        stages = {
+            s.name: s
+            for s in session.scalars(select(SqlStage).where(SqlStage.experiment_id == row.id))
+        }
+        points = session.scalars(
+            select(SqlLrFindPoint)
+            .where(SqlLrFindPoint.experiment_id == row.id)
+            .order_by(SqlLrFindPoint.stage, SqlLrFindPoint.step)
+        ).all()
+        curves: dict[str, list[tuple[float, float | None]]] = {}
+        for point in points:
+            curves.setdefault(point.stage, []).append((point.lr, point.loss))
+
+        def position(name: str) -> int:
+            stage = stages.get(name)
+            return stage.position if stage is not None else 1_000_000
+
+        return LrFindRead(
+            stages=[
+                LrFindStage(
+                    stage=name,
+                    points=curve,
+                    suggestion=stages[name].lr_suggestion if name in stages else None,
+                    method=stages[name].lr_suggest_method if name in stages else None,
+                )
+                for name, curve in sorted(curves.items(), key=lambda item: position(item[0]))
+            ]
+        )
+
+
+def compare(*, engine: Engine, caller: Caller, ids: list[str]) -> Comparison:
+    """2..20 visible runs: spec differences, final and best metrics, per-epoch rows."""
+    unique = list(dict.fromkeys(ids))
+    if not 2 <= len(unique) <= MAX_COMPARED:
+        raise InvalidSpec(
+            [FieldProblem("query.ids", f"give 2 to {MAX_COMPARED} distinct experiment ids")]
+        )
+    runs: list[ComparedRun] = []
+    specs: list[dict[str, Any]] = []
+    for experiment_id in unique:
+        epochs = list_metrics(engine=engine, caller=caller, experiment_id=experiment_id)
+        with session_scope(engine) as session:
+            row = _visible(session, caller, experiment_id)
+            summary = ExperimentSummary.model_validate(row)
+            specs.append(dict(row.spec))
+        runs.append(
+            ComparedRun(
+                experiment=summary,
+                final=epochs[-1] if epochs else None,
+                best=best_values([e.model_dump() for e in epochs]),
+                epochs=epochs,
+            )
+        )
+    return Comparison(ids=unique, spec_differences=spec_differences(specs), runs=runs)

@@ -105,3 +105,35 @@ class ArtifactList(BaseModel):
 
     items: list[ArtifactRead]
     count: int
+
+
+class LrFindStage(BaseModel):
+    """One stage's LR-finder curve and the suggestion it led to."""
+
+    stage: str
+    points: list[tuple[float, float | None]]  # (lr, smoothed loss)
+    suggestion: float | None
+    method: str | None
+
+
+class LrFindRead(BaseModel):
+    """Every LR-finder curve of a run."""
+
+    stages: list[LrFindStage]
+
+
+class ComparedRun(BaseModel):
+    """One run in a comparison: what it is, where it ended, the best it reached, its curve."""
+
+    experiment: ExperimentSummary
+    final: EpochMetricRead | None
+    best: dict[str, float]
+    epochs: list[EpochMetricRead]
+
+
+class Comparison(BaseModel):
+    """Runs side by side, with only the spec fields that differ."""
+
+    ids: list[str]
+    spec_differences: dict[str, list[Any]]
+    runs: list[ComparedRun]

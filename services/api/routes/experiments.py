@@ -18,11 +18,13 @@ from services.api.deps import CallerDep, EngineDep, SettingsDep
 from services.api.errors import UnsupportedMediaType
 from services.api.schemas import (
     ArtifactList,
+    Comparison,
     EpochMetricRead,
     ExperimentCreated,
     ExperimentList,
     ExperimentRead,
     ExperimentSummary,
+    LrFindRead,
 )
 from shared.db.models import ExperimentState
 from shared.errors import FieldProblem, InvalidSpec
@@ -174,3 +176,23 @@ def cancel_experiment(
 def list_artifacts(experiment_id: str, caller: CallerDep, engine: EngineDep) -> ArtifactList:
     """Every file the run produced (checkpoints, plots, report) and its URI."""
     return crud.list_artifacts(engine=engine, caller=caller, experiment_id=experiment_id)
+
+
+@router.get("/{experiment_id}/lr-find", response_model=LrFindRead)
+def lr_find(experiment_id: str, caller: CallerDep, engine: EngineDep) -> LrFindRead:
+    """Each stage's LR-finder curve (lr, smoothed loss) and its suggestion."""
+    return crud.lr_find_curves(engine=engine, caller=caller, experiment_id=experiment_id)
+
+
+compare_router = APIRouter(prefix="/v1/compare", tags=["compare"])
+
+
+@compare_router.get("", response_model=Comparison)
+def compare(
+    caller: CallerDep,
+    engine: EngineDep,
+    ids: Annotated[str, Query(description="2 to 20 experiment ids, comma-separated")],
+) -> Comparison:
+    """Runs side by side: only the spec fields that differ, final and best metrics, curves."""
+    wanted = [part.strip() for part in ids.split(",") if part.strip()]
+    return crud.compare(engine=engine, caller=caller, ids=wanted)
