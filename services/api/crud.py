@@ -55,6 +55,7 @@ from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
 from shared.runs import train_message
 from shared.spec import ExperimentSpec
 from shared.spec_io import dump_spec
+from shared.storage.layout import run_key
 
 #: The Celery task a submission announces through the outbox (the api<->worker contract).
 
@@ -455,3 +456,15 @@ def compare(*, engine: Engine, caller: Caller, ids: list[str]) -> Comparison:
             )
         )
     return Comparison(ids=unique, spec_differences=spec_differences(specs), runs=runs)
+
+
+def artifact_key(*, engine: Engine, caller: Caller, experiment_id: str, name: str) -> str:
+    """The store key of one recorded artifact of a visible run, or NotFound."""
+    with session_scope(engine) as session:
+        row = _visible(session, caller, experiment_id)
+        artifact = session.scalars(
+            select(SqlArtifact).where(SqlArtifact.experiment_id == row.id, SqlArtifact.name == name)
+        ).first()
+        if artifact is None:
+            raise NotFound(f"experiment {experiment_id!r} has no artifact {name!r}")
+    return run_key(experiment_id, name)

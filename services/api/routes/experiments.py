@@ -7,14 +7,16 @@ database work lives in :mod:`services.api.crud`.
 from __future__ import annotations
 
 import json
+import mimetypes
+from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api import crud
-from services.api.deps import CallerDep, EngineDep, SettingsDep
+from services.api.deps import CallerDep, ContextDep, EngineDep, SettingsDep
 from services.api.errors import UnsupportedMediaType
 from services.api.schemas import (
     ArtifactList,
@@ -34,6 +36,8 @@ router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
 
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
 JSON_TYPES = frozenset({"application/json", ""})
+
+PRESIGNED_SECONDS = 300  # download links live for minutes, never longer
 
 _SPEC_HINT = "an experiment spec, version 1; its JSON Schema is served at /v1/spec/schema"
 
@@ -196,3 +200,38 @@ def compare(
     """Runs side by side: only the spec fields that differ, final and best metrics, curves."""
     wanted = [part.strip() for part in ids.split(",") if part.strip()]
     return crud.compare(engine=engine, caller=caller, ids=wanted)
+
+
+@router.get("/{experiment_id}/artifacts/{name:path}")
+def download_artifact(
+    experiment_id: str, name: str, caller: CallerDep, engine: EngineDep, context: ContextDep
+) -> Response:
+    """One file: a redirect to a presigned URL (S3, minutes) or the bytes (file store)."""
+    key = crud.artifact_key(engine=engine, caller=caller, experiment_id=experiment_id, name=name)
+    url = context.store.url_for(key, expires_s=PRESIGNED_SECONDS)
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    filename = PurePosixPath(name).name
+    return Response(
+        context.store.get_bytes(key),
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/{experiment_id}/interpretation")
+def interpretation(
+    experiment_id: str, caller: CallerDep, engine: EngineDep, context: ContextDep
+) -> dict[str, Any]:
+    """Top losses, confusion matrix, most_confused and the findings, from report.json."""
+    key = crud.artifact_key(
+        engine=engine, caller=caller, experiment_id=experiment_id, name="report.json"
+    )
+    report = json.loads(context.store.get_bytes(key))
+    return {
+        "status": report.get("status"),
+        "classes": report.get("classes", []),
+        "interpretation": report.get("interpretation"),
+        "findings": report.get("findings", []),
+    }

@@ -145,3 +145,54 @@ def test_lr_find_curve(api: Any) -> None:
     assert body["stages"][0]["stage"] == "stage-1"
     assert [p[0] for p in body["stages"][0]["points"]] == [1e-5, 1e-4, 1e-3]
     assert body["stages"][0]["suggestion"] == 1e-3
+
+
+def test_artifact_download_and_interpretation(api: Any, tmp_path: Path) -> None:
+    import json
+
+    from shared.db.models import SqlArtifact
+    from shared.storage.layout import run_key
+    from shared.storage.registry import open_store
+
+    client, engine, headers, other = api
+    run = client.post("/v1/experiments", json=spec("files"), headers=headers).json()["id"]
+    store = open_store((tmp_path / "artifacts").absolute().as_uri())
+    report = {
+        "status": "succeeded",
+        "classes": ["3", "7"],
+        "interpretation": {"confusion_matrix": [[5, 0], [1, 4]]},
+        "findings": [],
+    }
+    stored = store.put_bytes(run_key(run, "report.json"), json.dumps(report).encode())
+    png = store.put_bytes(run_key(run, "plots/losses.png"), b"\x89PNG\r\n\x1a\nfake")
+    with session_scope(engine) as session:
+        for name, obj, kind in (
+            ("report.json", stored, "report"),
+            ("plots/losses.png", png, "plot"),
+        ):
+            session.add(
+                SqlArtifact(
+                    experiment_id=run,
+                    kind=kind,
+                    name=name,
+                    uri=obj.uri,
+                    bytes=obj.bytes,
+                    sha256=obj.sha256,
+                )
+            )
+
+    got = client.get(f"/v1/experiments/{run}/artifacts/plots/losses.png", headers=headers)
+    assert got.status_code == 200
+    assert got.content == b"\x89PNG\r\n\x1a\nfake"
+    assert got.headers["content-type"] == "image/png"
+    assert (
+        client.get(f"/v1/experiments/{run}/artifacts/plots/nope.png", headers=headers).status_code
+        == 404
+    )
+    assert (
+        client.get(f"/v1/experiments/{run}/artifacts/plots/losses.png", headers=other).status_code
+        == 404
+    )
+    body = client.get(f"/v1/experiments/{run}/interpretation", headers=headers).json()
+    assert body["interpretation"]["confusion_matrix"] == [[5, 0], [1, 4]]
+    assert body["classes"] == ["3", "7"]
