@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -18,6 +19,9 @@ from shared.errors import DataError, Diverged, InvalidSpec, Stopped, TrainingErr
 from shared.settings import get_settings
 from shared.spec import ExperimentSpec
 from shared.spec_io import load_spec_file, spec_json_schema
+
+if TYPE_CHECKING:
+    from cli.client import Client
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -256,6 +260,94 @@ def api(host: str, port: int) -> None:
     from services.api.app import create_app
 
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+def _client(server: str, token: str | None) -> Client:
+    from cli.client import Client
+
+    return Client(server, token)
+
+
+_server_option = click.option(
+    "--server",
+    envvar="FITFLEET_SERVER_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="The API (env FITFLEET_SERVER_URL).",
+)
+_token_option = click.option(
+    "--token", envvar="FITFLEET_TOKEN", help="Bearer token (env FITFLEET_TOKEN)."
+)
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(path_type=Path))
+@_server_option
+@_token_option
+@click.option("--wait", is_flag=True, help="Follow the run: print each epoch row until it ends.")
+@click.option("--idempotency-key", help="Submitting twice with one key creates one run.")
+@click.option("--poll", default=2.0, show_default=True, help="Seconds between progress checks.")
+def submit(
+    spec_file: Path,
+    server: str,
+    token: str | None,
+    wait: bool,
+    idempotency_key: str | None,
+    poll: float,
+) -> None:
+    """Submit SPEC_FILE to the server; with --wait, show progress until the run ends."""
+    from cli.client import ApiError, ServerDown
+
+    _load_or_exit(spec_file)  # the same checks as the server, before any network
+    try:
+        with _client(server, token) as api:
+            created = api.submit(
+                spec_file.read_text(encoding="utf-8"),
+                yaml=spec_file.suffix.lower() in {".yaml", ".yml"},
+                idempotency_key=idempotency_key,
+            )
+            click.echo(f"{created['id']} {created['state']}")
+            if wait:
+                sys.exit(_follow(api, created["id"], poll))
+    except ServerDown as exc:
+        err_console.print(f"[red]{exc}[/]", highlight=False)
+        sys.exit(EXIT_FAILED)
+    except ApiError as exc:
+        what = "token refused (check --token / FITFLEET_TOKEN)" if exc.status == 401 else "refused"
+        err_console.print(f"[red]{what}:[/] HTTP {exc.status}", highlight=False)
+        for line in exc.lines():
+            err_console.print(f"  {line}", highlight=False)
+        sys.exit(EXIT_BAD_INPUT if exc.status in (400, 403, 413, 415, 422) else EXIT_FAILED)
+
+
+def _follow(api: Client, experiment_id: str, poll: float) -> int:
+    """Print new epoch rows as they appear; the exit code says how the run ended."""
+    import time
+
+    from cli.client import TERMINAL
+
+    shown = 0
+    state = ""
+    while True:
+        run = api.get(experiment_id)
+        if run["state"] != state:
+            state = run["state"]
+            click.echo(f"state: {state} (attempt {run['attempt']})")
+        rows = api.metrics(experiment_id)
+        for row in rows[shown:]:
+            metrics = "  ".join(
+                f"{k} {v:.6f}" for k, v in sorted(row["metrics"].items()) if v is not None
+            )
+            click.echo(
+                f"{row['stage']} epoch {row['epoch']}: train_loss {row['train_loss']} "
+                f"valid_loss {row['valid_loss']}  {metrics}"
+            )
+        shown = len(rows)
+        if state in TERMINAL:
+            if run.get("error"):
+                err_console.print(f"[red]{run['error']}[/]", highlight=False)
+            return EXIT_OK if state == "succeeded" else EXIT_FAILED
+        time.sleep(poll)
 
 
 @main.group()
