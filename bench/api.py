@@ -87,7 +87,7 @@ def hammer(call: Callable[[int], None], total: int, clients: int) -> tuple[float
     return time.perf_counter() - began, latencies
 
 
-def bench_api(total: int, clients: int, workdir: Path) -> tuple[float, list[float]]:
+def bench_api(total: int, clients: int, workdir: Path, workers: int) -> tuple[float, list[float]]:
     admin = (
         normalize_url(ADMIN_URL).set(drivername="postgresql").render_as_string(hide_password=False)
     )
@@ -185,17 +185,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn processes")
     args = parser.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        api_seconds, api_lat = bench_api(args.requests, args.clients, Path(tmp))
+        api_seconds, api_lat = bench_api(args.requests, args.clients, Path(tmp), args.workers)
     base_seconds, base_lat = bench_send_task(args.requests, args.clients)
     rows = [
         ("POST /v1/experiments (Postgres)", args.requests / api_seconds, api_lat),
         ("bare celery send_task (Redis)", args.requests / base_seconds, base_lat),
     ]
-    print(f"{args.requests} requests, {args.clients} concurrent clients, {os.cpu_count()} CPUs")
+    print(
+        f"{args.requests} requests, {args.clients} concurrent clients, "
+        f"{args.workers} API processes, {os.cpu_count()} CPUs"
+    )
     print(f"{'':34} {'per s':>9} {'p50 ms':>9} {'p99 ms':>9}")
     for label, rate, lat in rows:
         p50, p99 = statistics.median(lat) * 1e3, percentile(lat, 0.99) * 1e3

@@ -253,13 +253,19 @@ def token_revoke(token_id: str) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def api(host: str, port: int) -> None:
+@click.option("--workers", default=1, show_default=True, type=int, help="Server processes.")
+def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP API (uvicorn) on FITFLEET_DATABASE_URL and FITFLEET_ARTIFACTS_URL."""
     import uvicorn
 
-    from services.api.app import create_app
-
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    uvicorn.run(
+        "services.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
 
 
 def _client(server: str, token: str | None) -> Client:

@@ -162,11 +162,9 @@ def submit(
         )
     document = dump_spec(spec)
     digest = spec_hash(document)
-    if idempotency_key is not None:
-        with session_scope(engine) as session:
-            existing = _find_by_key(session, spec.project, idempotency_key)
-            if existing is not None:
-                return _replay(existing, digest)
+    # No look-up of the key first: the (project, key) unique constraint decides,
+    # and a repeat is read back after the insert fails (one transaction saved
+    # on every new submission, the common case).
     if caller.is_admin:
         _ensure_project(engine, spec.project)
     try:
