@@ -398,5 +398,10 @@ def demo(out: Path | None) -> None:
     sys.exit(run_local(spec_obj, out=out, resume=False, extra_roots=[]))
 
 
+from workers.cli import dispatch, worker  # noqa: E402  (the commands are defined there)
+
+main.add_command(worker)
+main.add_command(dispatch)
+
 if __name__ == "__main__":
     main()

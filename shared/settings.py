@@ -35,6 +35,21 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     # Empty means the embedded default, sqlite:///<home>/fitfleet.db (filled in below).
     database_url: str = Field("", validate_default=True)
+    # The Celery broker. Empty means the embedded default, kombu's filesystem://
+    # transport with its folders under <home>/broker (no server to run);
+    # redis://host:6379/0 in production. See shared/celery.py.
+    broker_url: str = ""
+    # Overrides the command a worker task supervises (a JSON list, e.g.
+    # FITFLEET_WORKER_CHILD_COMMAND='["python", "fake_trainer.py"]'); the
+    # experiment id and "--worker-id ID" are appended. Empty means
+    # [sys.executable, "-m", "workers.run_job"]. For tests and debugging.
+    worker_child_command: list[str] = Field(default_factory=list)
+    # How long a worker's lease lives without renewal, and how often the
+    # supervising task renews it and polls for a cancel (seconds).
+    worker_lease_ttl_s: float = Field(60.0, gt=0)
+    worker_poll_s: float = Field(1.0, gt=0)
+    # SIGTERM -> SIGKILL grace for the training process group (seconds).
+    worker_grace_s: float = Field(10.0, ge=0)
 
     @field_validator("data_roots", mode="before")
     @classmethod
@@ -61,12 +76,19 @@ class Settings(BaseSettings):
             self.weights_dir = self.home / "weights"
         if self.cache_dir is None:
             self.cache_dir = self.home / "cache"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
         if not self.artifacts_url:
             self.artifacts_url = (self.home / "artifacts").absolute().as_uri()
         if not self.data_roots:
             self.data_roots = [self.home / "datasets"]
         self.data_roots = [p.expanduser() for p in self.data_roots]
         return self
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the embedded ``filesystem://`` broker keeps its messages (under ``home``)."""
+        return self.home / "broker"
 
     @property
     def weights_path(self) -> Path:
