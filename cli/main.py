@@ -379,9 +379,39 @@ def data_digits(out: Path, classes: str, size: int) -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder.")
-def demo(out: Path | None) -> None:
-    """Build the digits data, then run the notes' two-stage recipe on it locally."""
+@click.option("--port", type=int, help="API port (default: a free one).")
+@click.option("--queues", default="gpu", show_default=True, help="The worker's queues.")
+def up(port: int | None, queues: str) -> None:
+    """Start the embedded stack (API, dispatcher, worker) until Ctrl-C."""
+    import time
+
+    from cli.stack import start_stack
+
+    settings = get_settings()
+    stack = start_stack(settings, port=port, queues=queues)
+    click.echo(f"fitfleet is up: {stack.url} (OpenAPI at {stack.url}/docs)")
+    click.echo(f"database {settings.database_url}, broker {settings.broker_url}")
+    click.echo(f"artifacts {settings.artifacts_url}, logs {stack.logs}")
+    click.echo("create a token: fitfleet token create --project default")
+    try:
+        while True:
+            stack.check()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        stack.stop()
+
+
+@main.command()
+def demo() -> None:
+    """Build digits 3 vs 7, start the embedded stack, submit the recipe over HTTP, follow it."""
+    import yaml
+
+    from cli.client import Client
+    from cli.stack import start_stack
+    from services.api.tokens import create_token
+    from shared.db.session import make_engine, session_scope
     from workers.training.digits import build_digits
 
     settings = get_settings()
@@ -389,13 +419,30 @@ def demo(out: Path | None) -> None:
     if not dataset.exists():
         click.echo(f"building digits 3 vs 7 in {dataset}")
         build_digits(dataset)
-    spec_obj = load_spec_file(
-        Path(__file__).resolve().parent.parent / "examples" / "digits-3v7.yaml"
-    )
-    spec_obj = spec_obj.model_copy(
-        update={"data": spec_obj.data.model_copy(update={"source": str(dataset)})}
-    )
-    sys.exit(run_local(spec_obj, out=out, resume=False, extra_roots=[]))
+    example = Path(__file__).resolve().parent.parent / "examples" / "digits-3v7.yaml"
+    document = yaml.safe_load(example.read_text(encoding="utf-8"))
+    document["data"]["source"] = str(dataset)
+    click.echo("starting the embedded stack (SQLite, filesystem broker, local artifacts)")
+    stack = start_stack(settings)
+    try:
+        engine = make_engine(settings.database_url)
+        with session_scope(engine) as session:
+            _, secret = create_token(session, document.get("project", "default"), name="demo")
+        engine.dispose()
+        with Client(stack.url, secret) as api:
+            created = api.submit(yaml.safe_dump(document), yaml=True)
+            run_id = created["id"]
+            click.echo(f"submitted {run_id} to {stack.url}; following it")
+            code = _follow(api, run_id, 1.0)
+            result = api._call("GET", f"/v1/experiments/{run_id}/interpretation")
+        click.echo("\nfindings")
+        for finding in result.get("findings", []) or [{"message": "none: the run looks healthy"}]:
+            click.echo(f"  {finding.get('severity', '').upper():8} {finding['message']}")
+        artifacts = settings.artifacts_url.removeprefix("file://")
+        click.echo(f"\nplots and report: {artifacts}/runs/{run_id}/")
+        sys.exit(code)
+    finally:
+        stack.stop()
 
 
 from workers.cli import dispatch, worker  # noqa: E402  (the commands are defined there)
