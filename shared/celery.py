@@ -28,7 +28,7 @@ DEFAULT_QUEUE = "gpu"
 REDIS_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 
 
-def _transport_options(settings: Settings) -> dict[str, Any]:
+def transport_options(settings: Settings) -> dict[str, Any]:
     """Broker transport options for the configured broker URL.
 
     ``filesystem://`` (the embedded default) needs folders that every process on
@@ -79,7 +79,7 @@ def make_celery(settings: Settings, *, events: bool = False) -> Celery:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        broker_transport_options=_transport_options(settings),
+        broker_transport_options=transport_options(settings),
         # Keep retrying the broker at startup (and say so explicitly: Celery 5
         # warns when this is left to the default).
         broker_connection_retry_on_startup=True,

@@ -196,3 +196,16 @@ def test_artifact_download_and_interpretation(api: Any, tmp_path: Path) -> None:
     body = client.get(f"/v1/experiments/{run}/interpretation", headers=headers).json()
     assert body["interpretation"]["confusion_matrix"] == [[5, 0], [1, 4]]
     assert body["classes"] == ["3", "7"]
+
+
+def test_readyz_names_a_broker_that_is_down(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(url)
+    settings = Settings(
+        database_url=url, home=tmp_path, broker_url="redis://127.0.0.1:1/0", data_roots=[tmp_path]
+    )
+    with TestClient(create_app(settings)) as client:
+        answer = client.get("/readyz")
+    assert answer.status_code == 503
+    assert answer.json()["down"] == ["broker"]
+    assert answer.json()["checks"]["database"] == "ok"
