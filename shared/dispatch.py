@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import TERMINAL_STATES, ExperimentState, SqlExperiment, SqlOutbox
@@ -55,7 +55,14 @@ class TaskSender(Protocol):
         ...
 
 
-def relay_outbox(session: Session, publish: Publish, *, limit: int = 100, now: datetime) -> int:
+def relay_outbox(
+    session: Session,
+    publish: Publish,
+    *,
+    limit: int = 100,
+    now: datetime,
+    experiment_id: str | None = None,
+) -> int:
     """Publish up to ``limit`` unsent outbox rows; return how many were published.
 
     Order is the spec's priority (higher first, 0..9) then submission order,
@@ -72,12 +79,17 @@ def relay_outbox(session: Session, publish: Publish, *, limit: int = 100, now: d
 
     Runs in the caller's transaction and does not commit; the locks are held
     until the caller commits, which is what keeps a second relay off these rows.
+    ``experiment_id`` limits the pass to one run's rows: the API's fast path
+    right after a submission (the relay loop remains the safety net).
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError(f"naive datetime {now!r}: pass an aware UTC datetime")
+    unsent: list[ColumnElement[bool]] = [SqlOutbox.sent_at.is_(None)]
+    if experiment_id is not None:
+        unsent.append(SqlOutbox.experiment_id == experiment_id)
     rows = session.scalars(
         select(SqlOutbox)
-        .where(SqlOutbox.sent_at.is_(None))
+        .where(*unsent)
         .order_by(SqlOutbox.priority.desc(), SqlOutbox.id.asc())
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -140,13 +152,17 @@ def relay_outbox(session: Session, publish: Publish, *, limit: int = 100, now: d
     return published
 
 
+MAX_PRIORITY = 9
+
+
 def celery_publisher(app: TaskSender) -> Publish:
     """A ``publish`` for :func:`relay_outbox` that sends through a Celery app.
 
-    The payload becomes the task's keyword arguments. ``priority`` is passed
-    through unchanged: it means "higher first" on RabbitMQ; Redis emulates
-    priorities with 0 as the highest, so a Redis deployment either maps it or
-    relies on the relay's database ordering (see the pitfalls reference).
+    The payload becomes the task's keyword arguments. The spec's priority is
+    "higher first" (0..9); Celery's Redis transport emulates priorities with 0
+    as the highest, so it is sent as ``9 - priority``. The relay also sends in
+    priority order, which is what orders a queue that has no priorities
+    (the filesystem broker).
     Celery itself is only touched through ``app``, so importing this module
     never imports celery.
     """
@@ -156,7 +172,7 @@ def celery_publisher(app: TaskSender) -> Publish:
             message.task,
             kwargs=message.payload,
             queue=message.queue,
-            priority=message.priority,
+            priority=MAX_PRIORITY - message.priority,
         )
 
     return publish

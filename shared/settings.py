@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # transport with its folders under <home>/broker (no server to run);
     # redis://host:6379/0 in production. See shared/celery.py.
     broker_url: str = ""
+    # The API publishes a new run right after committing it (the dispatcher's
+    # relay is the safety net for a publish that fails or a crash in between).
+    publish_on_submit: bool = True
     # Overrides the command a worker task supervises (a JSON list, e.g.
     # FITFLEET_WORKER_CHILD_COMMAND='["python", "fake_trainer.py"]'); the
     # experiment id and "--worker-id ID" are appended. Empty means

@@ -45,7 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.context = AppContext(settings=settings, engine=engine, store=store)
+    publish = None
+    if settings.publish_on_submit:
+        from shared.celery import make_celery
+        from shared.dispatch import celery_publisher
+
+        publish = celery_publisher(make_celery(settings))
+    app.state.context = AppContext(settings=settings, engine=engine, store=store, publish=publish)
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     install_error_handlers(app)
     app.include_router(health.router)

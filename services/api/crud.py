@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from shared.db.models import (
     new_id,
 )
 from shared.db.session import session_scope
+from shared.dispatch import Publish, relay_outbox
 from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
 from shared.runs import train_message
 from shared.spec import ExperimentSpec
@@ -58,6 +60,8 @@ from shared.spec_io import dump_spec
 from shared.storage.layout import run_key
 
 #: The Celery task a submission announces through the outbox (the api<->worker contract).
+
+logger = logging.getLogger(__name__)
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -466,3 +470,18 @@ def artifact_key(*, engine: Engine, caller: Caller, experiment_id: str, name: st
         if artifact is None:
             raise NotFound(f"experiment {experiment_id!r} has no artifact {name!r}")
     return run_key(experiment_id, name)
+
+
+def dispatch_now(*, engine: Engine, publish: Publish, experiment_id: str) -> None:
+    """Send a just-submitted run to its queue now; on any failure the relay will.
+
+    Never raises: the submission is already committed, and its outbox row
+    stays unsent until a publish succeeds.
+    """
+    try:
+        with session_scope(engine) as session:
+            relay_outbox(session, publish, now=utcnow(), experiment_id=experiment_id)
+    except Exception:  # the relay loop retries; the client already has its 201
+        logger.warning(
+            "publishing %s now failed; the dispatcher will", experiment_id, exc_info=True
+        )

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
 from services.api.auth import Caller, authenticate
+from shared.dispatch import Publish
 from shared.settings import Settings
 from shared.storage.base import ArtifactStore
 
@@ -26,6 +27,7 @@ class AppContext:
     settings: Settings
     engine: Engine
     store: ArtifactStore
+    publish: Publish | None = None  # sends a new run to its queue at once (else the relay does)
 
 
 def get_context(request: Request) -> AppContext:

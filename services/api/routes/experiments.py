@@ -88,6 +88,7 @@ async def submit_experiment(
     caller: CallerDep,
     engine: EngineDep,
     settings: SettingsDep,
+    context: ContextDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> ExperimentCreated:
     """Queue a run from a spec (JSON, or YAML with a YAML Content-Type).
@@ -107,6 +108,13 @@ async def submit_experiment(
     )
     if not outcome.created:
         response.status_code = 200
+    elif context.publish is not None:
+        publish = context.publish
+        await run_in_threadpool(
+            lambda: crud.dispatch_now(
+                engine=engine, publish=publish, experiment_id=outcome.experiment.id
+            )
+        )
     return outcome.experiment
 
 

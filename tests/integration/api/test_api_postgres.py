@@ -51,6 +51,7 @@ def client_and_token(api_pg_url: str, tmp_path: Path) -> Iterator[tuple[TestClie
         home=tmp_path,
         data_roots=[tmp_path / "data"],
         artifacts_url=(tmp_path / "artifacts").as_uri(),
+        publish_on_submit=False,  # these tests look at the rows the relay would send
     )
     with TestClient(create_app(settings)) as client:
         yield client, secret, project

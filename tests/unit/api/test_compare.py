@@ -209,3 +209,26 @@ def test_readyz_names_a_broker_that_is_down(tmp_path: Path) -> None:
     assert answer.status_code == 503
     assert answer.json()["down"] == ["broker"]
     assert answer.json()["checks"]["database"] == "ok"
+
+
+def test_a_new_run_is_published_at_once(tmp_path: Path) -> None:
+    from shared.db.models import ExperimentState, SqlExperiment, SqlOutbox
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    upgrade(url)
+    (tmp_path / "data" / "digits").mkdir(parents=True)
+    settings = Settings(database_url=url, home=tmp_path, data_roots=[tmp_path / "data"])
+    engine = make_engine(url)
+    with session_scope(engine) as session:
+        _, secret = create_token(session, "vision")
+    with TestClient(create_app(settings)) as client:
+        run = client.post(
+            "/v1/experiments", json=spec("now"), headers={"Authorization": f"Bearer {secret}"}
+        ).json()["id"]
+    with session_scope(engine) as session:
+        assert session.get(SqlExperiment, run).state == ExperimentState.DISPATCHED
+        outbox = session.query(SqlOutbox).filter_by(experiment_id=run).one()
+        assert outbox.sent_at is not None
+    # The message is in the embedded broker's folder, for a worker to take.
+    assert list((settings.broker_folder / "queue").iterdir())
+    engine.dispose()

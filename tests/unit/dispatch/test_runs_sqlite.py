@@ -468,6 +468,7 @@ def test_celery_publisher_sends_the_task_with_its_routing() -> None:
             experiment_id="exp_x",
         )
     )
+    # Spec priority 7 (higher first) is Redis priority 2 (0 is the highest there).
     assert calls == [
-        (TRAIN_TASK, {"kwargs": {"experiment_id": "exp_x"}, "queue": "gpu", "priority": 7})
+        (TRAIN_TASK, {"kwargs": {"experiment_id": "exp_x"}, "queue": "gpu", "priority": 2})
     ]
