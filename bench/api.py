@@ -10,8 +10,14 @@ in the same run):
    transaction.  Printed: accepted/s, p50 and p99 latency.
 2. the baseline: a bare Celery ``send_task`` to Redis from as many threads,
    the cost of publishing a message with nothing else around it.
+3. submit-to-claim latency with an idle worker: a real ``celery worker`` on
+   Redis (its trainer replaced by a script that exits at once), ``--claims``
+   submissions one after the other; latency = the run's ``started_at`` (set by
+   the worker's claim) minus the POST's start.  Beside it, the baseline's
+   send_task -> task start latency of a no-op task on the same worker.
 
-Target (issue 3): >= 300 submissions/s with 20 clients on this 2-core machine.
+Targets (issue 3): >= 300 submissions/s with 20 clients; submit-to-claim p50
+<= 100 ms, on this 2-core machine.
 """
 
 from __future__ import annotations
@@ -162,6 +168,110 @@ def bench_api(total: int, clients: int, workdir: Path, workers: int) -> tuple[fl
             )
 
 
+def bench_claims(count: int, workdir: Path) -> tuple[list[float], list[float]]:
+    """(submit -> claim latencies, bare send_task -> task start latencies) with an idle worker."""
+    import json
+
+    import redis as redis_client
+    from celery import Celery
+
+    from shared.db.models import SqlExperiment
+
+    broker = "redis://127.0.0.1:6379/12"
+    redis_client.Redis.from_url(broker).flushdb()
+    admin_url = normalize_url(ADMIN_URL).set(drivername="postgresql")
+    admin = admin_url.render_as_string(hide_password=False)
+    name = f"fitfleet_claims_{secrets.token_hex(4)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = normalize_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    trainer = workdir / "instant_trainer.py"
+    trainer.write_text("import sys\nsys.exit(0)\n")
+    stamp = workdir / "noop_tasks.py"
+    stamp.write_text(
+        "import time\nimport redis\nfrom workers.celery_entry import app\n"
+        "@app.task(name='bench.noop_stamp', ignore_result=True)\n"
+        "def noop_stamp(url, key):\n    redis.Redis.from_url(url).set(key, time.time())\n"
+    )
+    (workdir / "data" / "digits").mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{workdir}",
+        "FITFLEET_HOME": str(workdir),
+        "FITFLEET_DATABASE_URL": url,
+        "FITFLEET_BROKER_URL": broker,
+        "FITFLEET_DATA_ROOTS": str(workdir / "data"),
+        "FITFLEET_WORKER_CHILD_COMMAND": json.dumps([sys.executable, str(trainer)]),
+    }
+    worker = None
+    try:
+        upgrade(url)
+        engine = make_engine(url)
+        with session_scope(engine) as session:
+            _, secret = create_token(session, "bench")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_entry", "worker",
+             "-Q", "bench", "--pool", "prefork", "--concurrency", "1", "--loglevel", "WARNING",
+             "--without-gossip", "--without-mingle", "--without-heartbeat",
+             "--include", "noop_tasks"],
+            env=env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        from fastapi.testclient import TestClient
+
+        from services.api.app import create_app
+        from shared.settings import Settings
+
+        settings = Settings(
+            home=workdir, database_url=url, broker_url=broker, data_roots=[workdir / "data"]
+        )
+        claims: list[float] = []
+        with TestClient(create_app(settings)) as http:
+            headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+            for index in range(count + 3):
+                began = time.time()
+                run_id = http.post("/v1/experiments", content=SPEC, headers=headers).json()["id"]
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    with session_scope(engine) as session:
+                        started = session.get(SqlExperiment, run_id).started_at  # type: ignore[union-attr]
+                    if started is not None:
+                        break
+                    time.sleep(0.002)
+                else:
+                    raise RuntimeError("the worker never claimed a run")
+                if index >= 3:  # the first ones warm the worker up
+                    claims.append(started.timestamp() - began)
+                time.sleep(0.3)  # let the (instant) trainer finish: the worker is idle again
+        engine.dispose()
+        app = Celery("bench", broker=broker)
+        store = redis_client.Redis.from_url(broker)
+        starts: list[float] = []
+        for index in range(count + 3):
+            key = f"bench-noop-{index}"
+            sent = time.time()
+            app.send_task("bench.noop_stamp", args=[broker, key], queue="bench")
+            deadline = time.monotonic() + 30
+            while (value := store.get(key)) is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the worker never ran the no-op task")
+                time.sleep(0.002)
+            if index >= 3:
+                starts.append(float(value) - sent)
+            time.sleep(0.05)
+        return claims, starts
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, 9)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            conn.execute(drop.format(sql.Identifier(name)))
+
+
 def bench_send_task(total: int, clients: int) -> tuple[float, list[float]]:
     from celery import Celery
 
@@ -186,6 +296,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn processes")
+    parser.add_argument("--claims", type=int, default=20, help="submit-to-claim samples")
     args = parser.parse_args()
     import tempfile
 
@@ -204,6 +315,17 @@ def main() -> None:
     for label, rate, lat in rows:
         p50, p99 = statistics.median(lat) * 1e3, percentile(lat, 0.99) * 1e3
         print(f"{label:34} {rate:9.1f} {p50:9.2f} {p99:9.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        claims, starts = bench_claims(args.claims, Path(tmp))
+    for label, lat in (
+        ("submit -> claim, idle worker", claims),
+        ("send_task -> task start (baseline)", starts),
+    ):
+        p50, p99 = statistics.median(lat) * 1e3, percentile(lat, 0.99) * 1e3
+        print(f"{label:34} {'':>9} {p50:9.2f} {p99:9.2f}")
+    claim_p50 = statistics.median(claims) * 1e3
+    claim_verdict = "meets" if claim_p50 <= 100 else "misses"
+    print(f"submit -> claim p50 {claim_p50:.1f} ms {claim_verdict} the target <= 100 ms")
     ratio = rows[0][1] / rows[1][1]
     verdict = "meets" if rows[0][1] >= 300 else "misses"
     print(
