@@ -11,7 +11,7 @@ import mimetypes
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -89,6 +89,7 @@ async def submit_experiment(
     engine: EngineDep,
     settings: SettingsDep,
     context: ContextDep,
+    background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> ExperimentCreated:
     """Queue a run from a spec (JSON, or YAML with a YAML Content-Type).
@@ -109,11 +110,13 @@ async def submit_experiment(
     if not outcome.created:
         response.status_code = 200
     elif context.publish is not None:
-        publish = context.publish
-        await run_in_threadpool(
-            lambda: crud.dispatch_now(
-                engine=engine, publish=publish, experiment_id=outcome.experiment.id
-            )
+        # After the response: the client has its id at once, the worker gets the
+        # message milliseconds later (and the relay, should this publish fail).
+        background.add_task(
+            crud.dispatch_now,
+            engine=engine,
+            publish=context.publish,
+            experiment_id=outcome.experiment.id,
         )
     return outcome.experiment
 
