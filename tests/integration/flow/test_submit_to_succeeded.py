@@ -10,11 +10,8 @@ and ``/v1/compare`` shows two runs that differ in one spec field.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
@@ -34,13 +30,14 @@ from shared.db.models import SqlArtifact, SqlEpochMetric, SqlExperiment
 from shared.db.session import make_engine, session_scope
 from shared.dispatch import celery_publisher, relay_outbox
 from shared.settings import Settings
+from tests.integration.celery_worker import celery_worker, redis_or_fail, unique_queue
 from tests.integration.moto_server import S3Endpoint
 from tests.integration.pg import temporary_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REDIS_URL = os.environ.get("FITFLEET_TEST_FLOW_REDIS_URL", "redis://127.0.0.1:6379/13")
-QUEUE = "flowq"
+QUEUE = unique_queue("flowq")
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -78,14 +75,7 @@ def database_url() -> Iterator[str]:
 def service(
     database_url: str, s3_endpoint: S3Endpoint, digits_root: Path, tmp_path: Path
 ) -> Iterator[tuple[Settings, Engine, str]]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
-    try:
-        client.ping()
-        client.flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}", pytrace=False)
-    finally:
-        client.close()
+    redis_or_fail(REDIS_URL)
     bucket = s3_endpoint.create_bucket()
     env = {
         "FITFLEET_HOME": str(tmp_path / "home"),
@@ -107,26 +97,12 @@ def service(
         s3_endpoint_url=s3_endpoint.url,
         data_roots=[digits_root],
     )
-    log = tmp_path / "worker.log"
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_entry", "worker",
-        "-Q", QUEUE, "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        worker = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**os.environ, **env, "PYTHONPATH": str(REPO)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     engine = make_engine(database_url)
     saved = {k: os.environ.get(k) for k in env if k.startswith("AWS_")}
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     try:
-        yield settings, engine, bucket
+        with celery_worker(env, queue=QUEUE, log=tmp_path / "worker.log"):
+            yield settings, engine, bucket
     finally:
         for key, value in saved.items():
             if value is None:
@@ -134,19 +110,8 @@ def service(
             else:
                 os.environ[key] = value
         engine.dispose()
-        worker.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                os.killpg(worker.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            assert time.monotonic() < deadline, "worker processes left behind"
-            time.sleep(0.1)
         if os.environ.get("FITFLEET_SHOW_WORKER_LOG"):
-            sys.stderr.write(log.read_text())
+            sys.stderr.write((tmp_path / "worker.log").read_text())
 
 
 def test_submit_train_succeed_compare(

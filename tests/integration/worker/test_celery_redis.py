@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import Engine, func, select
 
 from shared.celery import make_celery
@@ -28,28 +25,21 @@ from shared.db.session import make_engine, session_scope
 from shared.dispatch import OutboxMessage, celery_publisher, relay_outbox
 from shared.runs import TRAIN_TASK
 from shared.settings import Settings
+from tests.integration.celery_worker import celery_worker, redis_or_fail, unique_queue
 from tests.integration.pg import temporary_database
 
 pytestmark = pytest.mark.integration
 
 REDIS_URL = os.environ.get("FITFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-QUEUE = "testq"
+QUEUE = unique_queue("testq")
 REPO = Path(__file__).resolve().parents[3]
 FAKE_TRAINER = "import sys, time\ntime.sleep(1)\nsys.exit(0)\n"
 
 
 @pytest.fixture(scope="module")
 def redis_url() -> str:
-    """Redis db 15, flushed; unreachable Redis fails the test (never a skip)."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
-    try:
-        client.ping()
-        client.flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}", pytrace=False)
-    finally:
-        client.close()
-    return REDIS_URL
+    """Redis db 15 (this run has its own queue); unreachable Redis fails the test."""
+    return redis_or_fail(REDIS_URL)
 
 
 @pytest.fixture(scope="module")
@@ -72,41 +62,14 @@ def worker_log(redis_url: str, database_url: str, tmp_path: Path) -> Iterator[Pa
     trainer.write_text(FAKE_TRAINER)
     log = tmp_path / "worker.log"
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
         "FITFLEET_HOME": str(tmp_path / "home"),
         "FITFLEET_BROKER_URL": redis_url,
         "FITFLEET_DATABASE_URL": database_url,
         "FITFLEET_WORKER_CHILD_COMMAND": json.dumps([sys.executable, str(trainer)]),
         "FITFLEET_WORKER_POLL_S": "0.2",
     }
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_entry", "worker",
-        "-Q", QUEUE, "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
+    with celery_worker(env, queue=QUEUE, log=log):
         yield log
-    finally:
-        proc.send_signal(signal.SIGTERM)  # warm shutdown
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # Pool processes are in the worker's group: kill stragglers, then check.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            assert time.monotonic() < deadline, "worker processes left behind"
-            time.sleep(0.1)
 
 
 def submit(engine: Engine) -> str:
