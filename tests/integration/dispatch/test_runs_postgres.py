@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from shared.db.models import ExperimentState, SqlExperiment, SqlOutbox, SqlProject, new_id
+from shared.db.models import ExperimentState, SqlExperiment, SqlOutbox
 from shared.db.session import make_engine, session_scope
 from shared.dispatch import OutboxMessage, relay_outbox
-from shared.runs import TRAIN_TASK, Claim, claim_run, renew_lease, requeue_expired
+from shared.runs import Claim, claim_run, renew_lease, requeue_expired
 from tests.integration.pg import temporary_database
+from tests.rows import add_queued_run
 
 pytestmark = pytest.mark.integration
 
@@ -46,32 +47,7 @@ def submit(engine: Engine, *, max_restarts: int = 3, priority: int = 5) -> str:
         "resources": {"queue": "gpu", "priority": priority, "max_restarts": max_restarts},
     }
     with session_scope(engine) as session:
-        if session.get(SqlProject, "pets") is None:
-            session.add(SqlProject(id="pets"))
-            session.flush()
-        run = SqlExperiment(
-            id=new_id("exp"),
-            project_id="pets",
-            name="pets",
-            spec=spec,
-            spec_hash="0" * 64,
-            queue="gpu",
-            priority=priority,
-            arch="resnet34",
-            dataset="s3://bucket/pets",
-        )
-        session.add(run)
-        session.flush()
-        session.add(
-            SqlOutbox(
-                experiment_id=run.id,
-                task=TRAIN_TASK,
-                queue="gpu",
-                priority=priority,
-                payload={"experiment_id": run.id},
-            )
-        )
-        return run.id
+        return add_queued_run(session, spec=spec, priority=priority)
 
 
 def claim(engine: Engine, run: str, worker: str, now: datetime) -> Claim | None:

@@ -20,13 +20,14 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from shared.celery import make_celery
-from shared.db.models import ExperimentState, SqlEvent, SqlExperiment, SqlOutbox, SqlProject
+from shared.db.models import ExperimentState, SqlEvent, SqlExperiment
 from shared.db.session import make_engine, session_scope
 from shared.dispatch import OutboxMessage, celery_publisher, relay_outbox
 from shared.runs import TRAIN_TASK
 from shared.settings import Settings
 from tests.integration.celery_worker import celery_worker, redis_or_fail, unique_queue
 from tests.integration.pg import temporary_database
+from tests.rows import add_queued_run
 
 pytestmark = pytest.mark.integration
 
@@ -75,31 +76,8 @@ def worker_log(redis_url: str, database_url: str, tmp_path: Path) -> Iterator[Pa
 def submit(engine: Engine) -> str:
     """A queued run and its outbox row, in one transaction (as the API writes them)."""
     with session_scope(engine) as session:
-        if session.get(SqlProject, "pets") is None:
-            session.add(SqlProject(id="pets"))
-            session.flush()
-        run = SqlExperiment(
-            project_id="pets",
-            name="pets",
-            spec={"resources": {"queue": QUEUE, "timeout": "5m"}},
-            spec_hash="0" * 64,
-            queue=QUEUE,
-            priority=5,
-            arch="resnet34",
-            dataset="s3://bucket/pets",
-        )
-        session.add(run)
-        session.flush()
-        session.add(
-            SqlOutbox(
-                experiment_id=run.id,
-                task=TRAIN_TASK,
-                queue=QUEUE,
-                priority=5,
-                payload={"experiment_id": run.id},
-            )
-        )
-        return run.id
+        spec = {"resources": {"queue": QUEUE, "timeout": "5m"}}
+        return add_queued_run(session, spec=spec, queue=QUEUE)
 
 
 def read(engine: Engine, run_id: str) -> SqlExperiment:

@@ -17,11 +17,12 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, select
 
 from shared.celery import REDIS_VISIBILITY_TIMEOUT_S, make_celery
-from shared.db.models import ExperimentState, SqlExperiment, SqlOutbox, SqlProject
+from shared.db.models import ExperimentState, SqlExperiment, SqlOutbox
 from shared.db.session import make_engine, session_scope
 from shared.db.upgrade import upgrade
 from shared.runs import TRAIN_TASK
 from shared.settings import Settings, get_settings
+from tests.rows import add_queued_run
 from workers import tasks
 from workers.cli import dispatch, worker_argv
 
@@ -51,30 +52,7 @@ def engine(env: Path) -> Iterator[Engine]:
 
 def submit(engine: Engine) -> str:
     with session_scope(engine) as session:
-        session.add(SqlProject(id="pets"))
-        session.flush()
-        run = SqlExperiment(
-            project_id="pets",
-            name="pets",
-            spec={"resources": {"timeout": "5m"}},
-            spec_hash="0" * 64,
-            queue="gpu",
-            priority=5,
-            arch="resnet34",
-            dataset="s3://bucket/pets",
-        )
-        session.add(run)
-        session.flush()
-        session.add(
-            SqlOutbox(
-                experiment_id=run.id,
-                task=TRAIN_TASK,
-                queue="gpu",
-                priority=5,
-                payload={"experiment_id": run.id},
-            )
-        )
-        return run.id
+        return add_queued_run(session, spec={"resources": {"timeout": "5m"}})
 
 
 def read(engine: Engine, run_id: str) -> SqlExperiment:

@@ -20,7 +20,6 @@ from shared.db.models import (
     SqlEvent,
     SqlExperiment,
     SqlOutbox,
-    SqlProject,
 )
 from shared.db.session import make_engine, session_scope
 from shared.db.upgrade import upgrade
@@ -34,6 +33,7 @@ from shared.runs import (
     renew_lease,
     requeue_expired,
 )
+from tests.rows import add_queued_run
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TTL = 60.0
@@ -66,32 +66,13 @@ def submit(
 ) -> str:
     """What the API's submit writes: a run and its outbox row in one transaction."""
     with session_scope(engine) as session:
-        if session.get(SqlProject, "pets") is None:
-            session.add(SqlProject(id="pets"))
-        row = SqlExperiment(
-            project_id="pets",
-            name="pets",
+        return add_queued_run(
+            session,
             spec=copy.deepcopy(spec if spec is not None else SPEC),
-            spec_hash="0" * 64,
-            state=state,
-            queue="gpu",
             priority=priority,
-            arch="resnet34",
-            dataset="s3://bucket/pets",
+            state=state,
             cancel_requested=cancel_requested,
         )
-        session.add(row)
-        session.flush()
-        session.add(
-            SqlOutbox(
-                experiment_id=row.id,
-                task=TRAIN_TASK,
-                queue="gpu",
-                priority=priority,
-                payload={"experiment_id": row.id},
-            )
-        )
-        return row.id
 
 
 def get(engine: Engine, experiment_id: str) -> SqlExperiment:
