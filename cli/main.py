@@ -6,6 +6,7 @@ them, so ``fitfleet spec check`` answers instantly on a machine without torch.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -97,9 +98,54 @@ def spec_schema() -> None:
     help="Allow reading data under this folder (repeatable; the current folder is allowed too).",
 )
 def train(spec_file: Path, out: Path | None, resume: bool, data_roots: tuple[Path, ...]) -> None:
-    """Run SPEC_FILE locally, with no services: epoch table, findings, plots, report."""
+    """Run SPEC_FILE locally, with no services: epoch table, findings, plots, report.
+
+    With ``resources.gpus`` >= 2 the command runs itself once per rank under
+    torchrun (DDP: NCCL on GPUs, gloo on CPU) and exits with rank 0's code.
+    """
+    from workers.training.launch import world_from_env, write_exit_code
+
     spec_obj = _load_or_exit(spec_file)
-    sys.exit(run_local(spec_obj, out=out, resume=resume, extra_roots=list(data_roots)))
+    if spec_obj.resources.gpus >= 2 and world_from_env()[2] == 1:
+        sys.exit(_train_under_torchrun(spec_obj, spec_file, out, resume, data_roots))
+    code = run_local(spec_obj, out=out, resume=resume, extra_roots=list(data_roots))
+    write_exit_code(code)  # for the launching process, when this is rank 0 under torchrun
+    sys.exit(code)
+
+
+def _train_under_torchrun(
+    spec_obj: ExperimentSpec,
+    spec_file: Path,
+    out: Path | None,
+    resume: bool,
+    data_roots: tuple[Path, ...],
+) -> int:
+    """Start ``fitfleet train`` on ``resources.gpus`` ranks; return rank 0's exit code."""
+    import os
+    import subprocess
+    import tempfile
+
+    from cli.local_runs import new_run_id, runs_dir
+    from workers.training.launch import EXIT_FILE_ENV, torchrun_command
+
+    if out is None:
+        if resume:
+            err_console.print("[red]--resume needs --out: the run folder to continue[/]")
+            return EXIT_BAD_INPUT
+        out = runs_dir(get_settings().home) / new_run_id(spec_obj.name)
+    args = ["cli", "train", str(spec_file.resolve()), "--out", str(out.resolve())]
+    if resume:
+        args.append("--resume")
+    for root in (*data_roots, Path.cwd()):
+        args += ["--data-root", str(root.resolve())]
+    with tempfile.TemporaryDirectory() as tmp:
+        exit_file = Path(tmp) / "exit"
+        env = {**os.environ, EXIT_FILE_ENV: str(exit_file)}
+        code = subprocess.call(torchrun_command(spec_obj.resources.gpus, args), env=env)
+        try:
+            return int(exit_file.read_text().strip())
+        except (OSError, ValueError):
+            return code or EXIT_FAILED
 
 
 def run_local(
@@ -114,6 +160,7 @@ def run_local(
     from cli.console import ConsoleReporter
     from cli.local_runs import make_resolver, new_run_id, runs_dir
     from workers.training.diagnosis import format_findings
+    from workers.training.distributed import init_from_env, shutdown
     from workers.training.engine import EngineOptions, Runtime, choose_device, run_experiment
 
     console = console or Console(soft_wrap=True)
@@ -131,8 +178,14 @@ def run_local(
         resume=resume,
         resolve_run=make_resolver(settings.home),
     )
+    collectives = init_from_env(gpus=spec_obj.resources.gpus, sync_bn=spec_obj.resources.sync_bn)
+    if collectives is None:
+        runtime = Runtime(device=choose_device(spec_obj.resources.gpus))
+    else:
+        runtime = Runtime.distributed(collectives)
+        if collectives.rank != 0:  # only rank 0 talks; the others train silently
+            console = Console(file=io.StringIO())
     reporter = ConsoleReporter(console, list(spec_obj.metrics))
-    runtime = Runtime(device=choose_device(spec_obj.resources.gpus))
     console.print(f"run folder: {out}")
     reporter.install_interrupt()
     try:
@@ -153,6 +206,7 @@ def run_local(
         return EXIT_FAILED
     finally:
         reporter.restore_interrupt()
+        shutdown()
     console.print("\n[bold]findings[/]")
     lines = format_findings(report.findings) or ["none: the run looks healthy"]
     for line in lines:

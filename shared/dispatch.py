@@ -16,7 +16,7 @@ Publishing is a plain callable so the relay is testable without a broker;
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -25,11 +25,19 @@ from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import TERMINAL_STATES, ExperimentState, SqlExperiment, SqlOutbox
+from shared.gangs import GANG_TASK, needs_gang, reserve_gang
+from shared.runs import TRAIN_TASK
 
 logger = logging.getLogger(__name__)
 
 #: ``last_error`` is for people reading a stuck row, not for whole tracebacks.
 MAX_ERROR_CHARS = 2000
+
+#: A worker silent this long is not counted when placing a gang (3 heartbeats of 5 s).
+DEFAULT_LOST_AFTER_S = 15.0
+
+#: How long the nodes of a gang wait for each other at torchrun's rendezvous.
+DEFAULT_JOIN_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,9 @@ def relay_outbox(
     limit: int = 100,
     now: datetime,
     experiment_id: str | None = None,
+    experiment_ids: Collection[str] | None = None,
+    lost_after_s: float = DEFAULT_LOST_AFTER_S,
+    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
 ) -> int:
     """Publish up to ``limit`` unsent outbox rows; return how many were published.
 
@@ -79,14 +90,24 @@ def relay_outbox(
 
     Runs in the caller's transaction and does not commit; the locks are held
     until the caller commits, which is what keeps a second relay off these rows.
-    ``experiment_id`` limits the pass to one run's rows: the API's fast path
-    right after a submission (the relay loop remains the safety net).
+    A run with ``resources.nodes`` > 1 is not sent to its queue: it needs a gang
+    (:func:`shared.gangs.reserve_gang`), and one message goes to each reserved
+    worker's own queue; while no gang can be formed its row stays unsent (the
+    run waits, and ``GET /v1/admin/queues`` says why).
+
+    ``experiment_id`` (one run) or ``experiment_ids`` (several) limits the pass
+    to those runs' rows: the API's fast path right after submissions (the relay
+    loop remains the safety net).
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError(f"naive datetime {now!r}: pass an aware UTC datetime")
     unsent: list[ColumnElement[bool]] = [SqlOutbox.sent_at.is_(None)]
     if experiment_id is not None:
         unsent.append(SqlOutbox.experiment_id == experiment_id)
+    if experiment_ids is not None:
+        if not experiment_ids:
+            return 0
+        unsent.append(SqlOutbox.experiment_id.in_(set(experiment_ids)))
     rows = session.scalars(
         select(SqlOutbox)
         .where(*unsent)
@@ -96,17 +117,20 @@ def relay_outbox(
     ).all()
     if not rows:
         return 0
-    runs: dict[str, tuple[ExperimentState, bool]] = {
-        run.id: (run.state, run.cancel_requested)
+    runs: dict[str, tuple[ExperimentState, bool, bool]] = {
+        run.id: (run.state, run.cancel_requested, needs_gang(run.spec))
         for run in session.execute(
-            select(SqlExperiment.id, SqlExperiment.state, SqlExperiment.cancel_requested).where(
-                SqlExperiment.id.in_({row.experiment_id for row in rows})
-            )
+            select(
+                SqlExperiment.id,
+                SqlExperiment.state,
+                SqlExperiment.cancel_requested,
+                SqlExperiment.spec,
+            ).where(SqlExperiment.id.in_({row.experiment_id for row in rows}))
         )
     }
-    published = 0
+    published: list[str] = []
     for row in rows:
-        state, cancel_requested = runs[row.experiment_id]  # the foreign key guarantees it
+        state, cancel_requested, gang = runs[row.experiment_id]  # the foreign key guarantees it
         if cancel_requested or state in TERMINAL_STATES:
             row.sent_at = now
             logger.info(
@@ -115,6 +139,11 @@ def relay_outbox(
                 row.experiment_id,
                 "cancelling" if cancel_requested else state,
             )
+            continue
+        if gang and row.task == TRAIN_TASK:
+            if _publish_gang(session, row, publish, now, lost_after_s, join_timeout_s):
+                row.sent_at = now
+                published.append(row.experiment_id)
             continue
         message = OutboxMessage(
             task=row.task,
@@ -138,18 +167,68 @@ def relay_outbox(
             )
             continue
         row.sent_at = now
+        published.append(row.experiment_id)
+    if published:
+        # One statement for the batch: under load the fast path sends many runs
+        # per transaction, and a statement per run would cost a round trip each.
         session.execute(
             update(SqlExperiment)
             .where(
-                SqlExperiment.id == row.experiment_id,
+                SqlExperiment.id.in_(published),
                 SqlExperiment.state == ExperimentState.QUEUED,
             )
             .values(state=ExperimentState.DISPATCHED, updated_at=now)
             .execution_options(synchronize_session="fetch")
         )
-        published += 1
     session.flush()
-    return published
+    return len(published)
+
+
+def _publish_gang(
+    session: Session,
+    row: SqlOutbox,
+    publish: Publish,
+    now: datetime,
+    lost_after_s: float,
+    join_timeout_s: float,
+) -> bool:
+    """Reserve a gang for ``row``'s run and send each node its message; False if not now.
+
+    The reservation is written in a savepoint so that a failed publish undoes
+    it (the nodes already told will find their gang not the run's owner and
+    do nothing).
+    """
+    run = session.get(SqlExperiment, row.experiment_id)
+    if run is None:
+        return False
+    savepoint = session.begin_nested()
+    gang = reserve_gang(
+        session, run, now=now, lost_after_s=lost_after_s, join_timeout_s=join_timeout_s
+    )
+    if gang is None:
+        savepoint.rollback()
+        return False
+    try:
+        for node in gang.nodes:
+            publish(
+                OutboxMessage(
+                    task=GANG_TASK,
+                    queue=node.queue,
+                    priority=row.priority,
+                    payload=gang.payload(node),
+                    outbox_id=row.id,
+                    experiment_id=row.experiment_id,
+                )
+            )
+    except Exception as exc:  # retried next pass, like any publish
+        savepoint.rollback()
+        row.attempts += 1
+        row.last_error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        logger.warning("publishing gang of run %s failed", row.experiment_id, exc_info=True)
+        return False
+    savepoint.commit()
+    logger.info("run %s placed as %s", row.experiment_id, gang.gang_id)
+    return True
 
 
 MAX_PRIORITY = 9

@@ -20,6 +20,9 @@ class EpochRow(_Result):
 
     ``train_loss`` is the smoothed loss after the epoch's last batch (fastai's
     Recorder), ``valid_loss`` and metrics are exact means over the validation set.
+    ``batch_size`` is the effective (global) batch of one optimizer step; after
+    the GPU ran out of memory each process computes it as ``accumulate``
+    micro-batches of at most ``micro_batch_size`` images, so it does not change.
     """
 
     stage: str
@@ -31,6 +34,29 @@ class EpochRow(_Result):
     images_per_second: float
     lr: float  # last layer group's lr at the epoch's last batch
     batch_size: int | None = None
+    micro_batch_size: int | None = None  # per process, per forward pass
+    accumulate: int = 1  # micro-batches (gradient accumulation) per optimizer step
+    # Validation images counted in valid_loss and the metrics, over all DDP ranks:
+    # equal to counts["valid"] when nothing was evaluated twice or dropped.
+    valid_count: int | None = None
+
+
+class OomRetry(_Result):
+    """The GPU ran out of memory: the epoch was retried with half the micro-batch.
+
+    The global batch (and so the schedule and the optimisation) is unchanged:
+    gradients of ``accumulate`` micro-batches add up to one step.
+    """
+
+    stage: str
+    epoch: int | None  # None: during the stage's lr_find
+    batch: int  # batches finished in the epoch when memory ran out
+    batch_size: int  # the effective global batch, unchanged
+    per_rank_batch: int
+    micro_batch_before: int
+    micro_batch_after: int
+    accumulate: int  # micro-batches per optimizer step from now on
+    error: str
 
 
 class BatchPoint(_Result):
@@ -110,6 +136,7 @@ class StageReport(_Result):
     diverged: bool = False
     trainable_params: int = 0
     seconds: float = 0.0
+    oom_retries: list[OomRetry] = Field(default_factory=list)
 
 
 class Report(_Result):
@@ -122,6 +149,7 @@ class Report(_Result):
     multi_label: bool = False
     counts: dict[str, int] = Field(default_factory=dict)
     device: str = "cpu"
+    world_size: int = 1  # DDP processes that trained the run (nodes x gpus)
     stages: list[StageReport] = Field(default_factory=list)
     interpretation: Interpretation | None = None
     findings: list[Finding] = Field(default_factory=list)

@@ -33,6 +33,8 @@ from shared.db.models import (
     SqlEvent,
     SqlExperiment,
     SqlOutbox,
+    SqlWorker,
+    WorkerState,
 )
 
 #: The Celery task that trains a run (the api<->worker contract; the API's
@@ -114,7 +116,9 @@ def claim_run(
             exp.id == experiment_id,
             exp.cancel_requested.is_(False),
             or_(
-                exp.state.in_(_CLAIMABLE),
+                # A queued run reserved for a gang (lease_owner set) is only
+                # for that gang's nodes: shared.gangs.join_gang.
+                and_(exp.state.in_(_CLAIMABLE), exp.lease_owner.is_(None)),
                 and_(exp.state == ExperimentState.RUNNING, exp.lease_expires_at < now),
             ),
         )
@@ -262,7 +266,14 @@ def requeue_expired(session: Session, *, now: datetime, limit: int = 100) -> lis
     rows = session.scalars(
         select(SqlExperiment)
         .where(
-            SqlExperiment.state == ExperimentState.RUNNING,
+            or_(
+                SqlExperiment.state == ExperimentState.RUNNING,
+                # A gang that was placed but never formed (shared.gangs).
+                and_(
+                    SqlExperiment.state == ExperimentState.DISPATCHED,
+                    SqlExperiment.lease_owner.is_not(None),
+                ),
+            ),
             SqlExperiment.lease_expires_at < now,
         )
         .order_by(SqlExperiment.lease_expires_at, SqlExperiment.id)
@@ -301,6 +312,17 @@ def requeue_expired(session: Session, *, now: datetime, limit: int = 100) -> lis
             )
         )
         handled.append(row.id)
+    if handled:
+        # Workers reserved for these runs (a gang that never formed, a worker
+        # that vanished) are free again; a vanished one still shows lost.
+        session.execute(
+            update(SqlWorker)
+            .where(
+                SqlWorker.current_experiment_id.in_(handled),
+                SqlWorker.state == WorkerState.BUSY,
+            )
+            .values(state=WorkerState.IDLE, current_experiment_id=None)
+        )
     session.flush()
     return handled
 

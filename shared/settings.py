@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # The API publishes a new run right after committing it (the dispatcher's
     # relay is the safety net for a publish that fails or a crash in between).
     publish_on_submit: bool = True
+    # How long the API trusts a token it has checked (seconds): a revoked token
+    # stops working within this. 0 checks the database on every request.
+    auth_cache_s: float = Field(5.0, ge=0)
     # Overrides the command a worker task supervises (a JSON list, e.g.
     # FITFLEET_WORKER_CHILD_COMMAND='["python", "fake_trainer.py"]'); the
     # experiment id and "--worker-id ID" are appended. Empty means
@@ -53,6 +56,20 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(1.0, gt=0)
     # SIGTERM -> SIGKILL grace for the training process group (seconds).
     worker_grace_s: float = Field(10.0, ge=0)
+    # The worker's name in the fleet (``GET /v1/admin/workers``). Empty means
+    # "<hostname>:<pid of the Celery main process>"; set it when a stable name
+    # matters more than telling restarts apart (a pod name, a test).
+    worker_name: str = ""
+    # GPUs the worker offers per node. None means what nvidia-smi finds (0 on a
+    # CPU machine); on a CPU machine a number means that many gloo CPU ranks.
+    worker_gpus: int | None = Field(None, ge=0, le=64)
+    # How often a worker's main process heartbeats (seconds). A worker is shown
+    # ``lost`` once its last heartbeat is older than ``worker_lost_after_s``;
+    # API, dispatcher and workers must agree on it (same environment).
+    worker_heartbeat_s: float = Field(5.0, gt=0)
+    # Empty (0) means 3 heartbeats: one late beat (a GC pause, a slow commit)
+    # must not flap a worker to lost, three missed ones mean it is gone.
+    worker_lost_after_s: float = Field(0.0, ge=0)
 
     @field_validator("data_roots", mode="before")
     @classmethod
@@ -83,6 +100,8 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if not self.artifacts_url:
             self.artifacts_url = (self.home / "artifacts").absolute().as_uri()
+        if not self.worker_lost_after_s:
+            self.worker_lost_after_s = 3 * self.worker_heartbeat_s
         if not self.data_roots:
             self.data_roots = [self.home / "datasets"]
         self.data_roots = [p.expanduser() for p in self.data_roots]

@@ -469,6 +469,9 @@ class Resources(_Model):
     queue: str = Field("gpu", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     gpus: int = Field(1, ge=0, le=64)
     nodes: int = Field(1, ge=1, le=64)
+    # fitfleet extension: SyncBatchNorm across DDP ranks (CUDA only; torch has no
+    # CPU implementation, so CPU ranks keep per-rank statistics and say so).
+    sync_bn: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     priority: int = Field(5, ge=0, le=9)
     max_restarts: int = Field(3, ge=0, le=100)

@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from shared.db.session import make_engine, session_scope
 from shared.dispatch import Publish, celery_publisher, relay_outbox
 from shared.errors import BackendUnavailable
+from shared.fleet import mark_lost
 from shared.runs import requeue_expired
 from shared.settings import get_settings
 
@@ -71,16 +72,27 @@ def worker(queues: str, concurrency: int, events: bool) -> None:
     app.worker_main(argv=worker_argv(queues, concurrency, events=events))
 
 
-def dispatch_pass(engine: Engine, publish: Publish, *, limit: int = 100) -> tuple[int, int]:
+def dispatch_pass(
+    engine: Engine, publish: Publish, *, limit: int = 100, lost_after_s: float | None = None
+) -> tuple[int, int]:
     """One relay pass and one reconcile pass, each its own transaction: (published, rescued).
 
     Separate transactions so a broker outage (rows stay unsent, retried next
-    pass) never holds back the rescue of runs whose worker died.
+    pass) never holds back the rescue of runs whose worker died. The reconcile
+    pass also writes ``lost`` on workers that stopped heartbeating
+    (:func:`shared.fleet.mark_lost`; ``lost_after_s`` defaults to the
+    settings'), in a third transaction so it can never hold back a rescue.
     """
     with session_scope(engine) as session:
         published = relay_outbox(session, publish, limit=limit, now=datetime.now(UTC))
     with session_scope(engine) as session:
         rescued = len(requeue_expired(session, now=datetime.now(UTC), limit=limit))
+    if lost_after_s is None:
+        lost_after_s = get_settings().worker_lost_after_s
+    with session_scope(engine) as session:
+        lost = mark_lost(session, now=datetime.now(UTC), lost_after_s=lost_after_s)
+    if lost:
+        logger.warning("dispatch: workers lost (no heartbeat): %s", ", ".join(lost))
     return published, rescued
 
 
@@ -111,7 +123,9 @@ def dispatch(interval: float, once: bool) -> None:
     try:
         while not stopping.is_set():
             try:
-                published, rescued = dispatch_pass(engine, publish)
+                published, rescued = dispatch_pass(
+                    engine, publish, lost_after_s=settings.worker_lost_after_s
+                )
             except BackendUnavailable:
                 # The database is down: keep the loop alive, it is retried next pass.
                 logger.warning("dispatch: database unavailable", exc_info=True)

@@ -14,7 +14,15 @@ of a ``pretrained: run:<id>``), runs the engine with a
 1     failed: diverged, another training error, or an unexpected error
 2     bad input: the data or weights do not fit the spec (retrying cannot help)
 130   stopped: a cancel was requested or the lease was lost; a checkpoint was saved
+75    peer lost: a rank of a multi-node run vanished; the run resumes on a fresh gang
 ====  ==========================================================
+
+Under torchrun (``resources.gpus`` >= 2 or ``resources.nodes`` >= 2) every rank
+runs this module: each joins the process group, local rank 0 of each node
+fetches the earlier attempt's checkpoints for its node, and only global rank 0
+reports to the service. torchrun's own exit status cannot carry these codes
+(any failed rank makes it 1), so rank 0 also writes its code to
+``FITFLEET_EXIT_FILE`` when the supervisor set it.
 """
 
 from __future__ import annotations
@@ -52,7 +60,9 @@ from shared.storage.layout import run_prefix
 from shared.storage.registry import open_store
 from shared.storage.sync import sync_prefix_to_cache
 from workers.service_reporter import ServiceReporter, with_retries
+from workers.training.distributed import Collectives, init_from_env, is_comm_failure, shutdown
 from workers.training.engine import EngineOptions, Runtime, choose_device, run_experiment
+from workers.training.launch import world_from_env, write_exit_code
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,7 @@ EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 130
+EXIT_PEER_LOST = 75
 
 
 def run_job(experiment_id: str, *, worker_id: str, settings: Settings | None = None) -> int:
@@ -72,9 +83,12 @@ def run_job(experiment_id: str, *, worker_id: str, settings: Settings | None = N
     settings = settings or get_settings()
     engine = make_engine(settings.database_url)
     try:
-        return _run(engine, experiment_id, worker_id=worker_id, settings=settings)
+        code = _run(engine, experiment_id, worker_id=worker_id, settings=settings)
     finally:
         engine.dispose()
+        shutdown()
+    write_exit_code(code)
+    return code
 
 
 def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settings) -> int:
@@ -90,6 +104,8 @@ def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settin
         return EXIT_BAD_INPUT
     document, attempt, project_id = found
     reporter: ServiceReporter | None = None
+    collectives: Collectives | None = None
+    is_main = world_from_env()[0] == 0
     try:
         store = open_store(
             settings.artifacts_url,
@@ -97,10 +113,20 @@ def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settin
             s3_region=settings.s3_region,
         )
         spec = validate_spec(document)
+        collectives = init_from_env(gpus=spec.resources.gpus, sync_bn=spec.resources.sync_bn)
         run_dir = settings.home / "work" / experiment_id
-        if attempt > 1:
-            _download_checkpoints(store, experiment_id, run_dir)
-        spec, data_roots = _local_data(spec, settings)
+        # One process per node fetches (checkpoints, an s3:// dataset); the node's
+        # other ranks wait for it, then find everything in place.
+        first_on_node = collectives is None or collectives.local_rank == 0
+        if first_on_node:
+            if attempt > 1:
+                _download_checkpoints(store, experiment_id, run_dir)
+            local_spec, data_roots = _local_data(spec, settings)
+        if collectives is not None:
+            collectives.barrier()
+        if not first_on_node:
+            local_spec, data_roots = _local_data(spec, settings)
+        spec = local_spec
         options = EngineOptions(
             out_dir=run_dir,
             data_roots=data_roots,
@@ -108,15 +134,20 @@ def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settin
             resume=True,
             resolve_run=_RunResolver(engine, store, project_id=project_id, settings=settings),
         )
-        reporter = ServiceReporter(
-            engine,
-            store,
-            experiment_id=experiment_id,
-            run_dir=run_dir,
-            worker_id=worker_id,
-            attempt=attempt,
-        )
-        run_experiment(spec, options, reporter, Runtime(device=choose_device(spec.resources.gpus)))
+        if is_main:
+            reporter = ServiceReporter(
+                engine,
+                store,
+                experiment_id=experiment_id,
+                run_dir=run_dir,
+                worker_id=worker_id,
+                attempt=attempt,
+            )
+        if collectives is None:
+            runtime = Runtime(device=choose_device(spec.resources.gpus))
+        else:
+            runtime = Runtime.distributed(collectives)
+        run_experiment(spec, options, reporter, runtime)
     except Stopped as exc:
         reason = (reporter.stop_reason if reporter else None) or "stop requested"
         log.warning("run %s stopped (%s): %s", experiment_id, reason, exc)
@@ -131,6 +162,11 @@ def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settin
         _record(engine, experiment_id, worker_id, "error", str(exc), code=exc.code)
         return EXIT_FAILED
     except Exception as exc:
+        if collectives is not None and is_comm_failure(exc):
+            log.error(
+                "run %s: lost another rank (%s); the run resumes elsewhere", experiment_id, exc
+            )
+            return EXIT_PEER_LOST
         log.exception("run %s failed unexpectedly", experiment_id)
         code = exc.code if isinstance(exc, FitfleetError) else type(exc).__name__
         _record(
@@ -150,7 +186,12 @@ def _record(
     *,
     code: str | None = None,
 ) -> None:
-    """Add an event for the outcome; a database that is down must not hide the exit code."""
+    """Add an event for the outcome; a database that is down must not hide the exit code.
+
+    Only rank 0 speaks for a distributed run: the other ranks end the same way.
+    """
+    if world_from_env()[0] != 0:
+        return
     try:
         with session_scope(engine) as session:
             session.add(

@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import Engine, select
 
@@ -39,6 +40,7 @@ EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 130
+EXIT_PEER_LOST = 75  # a multi-node run lost a node: resume on a fresh gang
 
 #: How often the child's exit is checked between polls of the database: an
 #: exit is noticed within this, whatever ``poll_s`` is.
@@ -66,6 +68,7 @@ class Outcome:
     error: str | None
     exit_code: int
     pid: int
+    stopped: bool = False  # this supervisor stopped the group (cancel or timeout)
 
     @property
     def lease_lost(self) -> bool:
@@ -142,6 +145,16 @@ def _poll_db(
     return ours, bool(cancel)
 
 
+def _rank0_code(exit_file: Path | None, code: int) -> int:
+    """Rank 0's exit code from ``exit_file`` when it wrote one, else the launcher's ``code``."""
+    if exit_file is None:
+        return code
+    try:
+        return int(exit_file.read_text().strip())
+    except (OSError, ValueError):
+        return code
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -162,6 +175,7 @@ def supervise(
     poll_s: float = 1.0,
     grace_s: float = 10.0,
     env: Mapping[str, str] | None = None,
+    exit_file: Path | None = None,
 ) -> Outcome:
     """Run ``command`` in a new process group until it ends or must be stopped.
 
@@ -177,6 +191,8 @@ def supervise(
     Exit codes when the child ends on its own: 0 succeeded, 2 failed (bad
     input), 130 cancelled if a cancel was requested (the child noticed it
     first), lease lost if the lease is no longer ours, anything else failed.
+    Under torchrun the launcher's own status hides rank 0's code, so when
+    ``exit_file`` holds one (``run_job`` writes it there) that code is used.
 
     Raises:
         OSError: the command could not be started (nothing is left running).
@@ -221,6 +237,7 @@ def supervise(
     finally:
         # Also on errors (a KeyboardInterrupt, a bug): never leave the group behind.
         code = _reap(proc)
+    code = _rank0_code(exit_file, code)
     return _outcome(
         stop,
         code,
@@ -251,11 +268,12 @@ def _outcome(
             f"timed out after {timeout_s:g} s (resources.timeout)",
             code,
             pid,
+            stopped=True,
         )
     if stop is _Stop.LEASE_LOST:
         return Outcome(None, "lease lost", code, pid)
     if stop is _Stop.CANCEL:
-        return Outcome(ExperimentState.CANCELLED, None, code, pid)
+        return Outcome(ExperimentState.CANCELLED, None, code, pid, stopped=True)
     if code == EXIT_SUCCEEDED:
         return Outcome(ExperimentState.SUCCEEDED, None, code, pid)
     if code == EXIT_BAD_INPUT:

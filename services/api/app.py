@@ -12,9 +12,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.api.auth import TokenCache
 from services.api.deps import AppContext
 from services.api.errors import MAX_BODY_BYTES, BodySizeLimit, install_error_handlers
-from services.api.routes import experiments, health, spec
+from services.api.publisher import SubmitPublisher
+from services.api.routes import admin, experiments, health, spec
 from shared.db.session import make_engine
 from shared.settings import Settings, get_settings
 from shared.storage.registry import open_store
@@ -34,9 +36,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s3_region=settings.s3_region,
     )
 
+    publisher = None
+    if settings.publish_on_submit:
+        from shared.celery import make_celery
+        from shared.dispatch import celery_publisher
+
+        publisher = SubmitPublisher(engine, celery_publisher(make_celery(settings)))
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        if publisher is not None:
+            publisher.close()
         engine.dispose()
 
     app = FastAPI(
@@ -45,17 +56,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    publish = None
-    if settings.publish_on_submit:
-        from shared.celery import make_celery
-        from shared.dispatch import celery_publisher
-
-        publish = celery_publisher(make_celery(settings))
-    app.state.context = AppContext(settings=settings, engine=engine, store=store, publish=publish)
+    app.state.context = AppContext(
+        settings=settings,
+        engine=engine,
+        store=store,
+        publisher=publisher,
+        tokens=TokenCache(settings.auth_cache_s),
+    )
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(experiments.compare_router)
     app.include_router(spec.router)
+    app.include_router(admin.router)
     return app

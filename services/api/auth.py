@@ -5,11 +5,18 @@ a request is matched by hashing the presented secret and looking the hash up
 among unrevoked tokens. Every failure (no header, another scheme, unknown or
 revoked token) is the same 401, so a caller learns nothing about which tokens
 exist.
+
+A token that passed is remembered for ``auth_cache_s`` seconds
+(:class:`TokenCache`), so a busy client costs one lookup per few seconds, not
+one per request; a revocation therefore takes effect within that time. Failed
+lookups are never cached.
 """
 
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select
@@ -33,6 +40,43 @@ class Caller:
     def can_see(self, project: str) -> bool:
         """Whether this caller may read or change runs of ``project``."""
         return self.is_admin or self.project == project
+
+
+class TokenCache:
+    """Callers by token digest for ``ttl_s`` seconds; thread-safe, bounded.
+
+    Keyed by the sha256 digest, never the secret, so the process memory holds
+    no more than the database does.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[Caller, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, secret: str) -> Caller | None:
+        """The cached caller for ``secret`` if it was checked less than ``ttl_s`` ago."""
+        if self.ttl_s <= 0:
+            return None
+        digest = hash_token(secret)
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if entry[1] <= time.monotonic():
+                del self._entries[digest]
+                return None
+            return entry[0]
+
+    def put(self, secret: str, caller: Caller) -> None:
+        """Remember ``caller`` for ``secret`` (a full cache starts over: simple and bounded)."""
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[hash_token(secret)] = (caller, time.monotonic() + self.ttl_s)
 
 
 def authenticate(engine: Engine, secret: str | None) -> Caller:

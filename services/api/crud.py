@@ -52,7 +52,6 @@ from shared.db.models import (
     new_id,
 )
 from shared.db.session import session_scope
-from shared.dispatch import Publish, relay_outbox
 from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
 from shared.runs import train_message
 from shared.spec import ExperimentSpec
@@ -470,18 +469,3 @@ def artifact_key(*, engine: Engine, caller: Caller, experiment_id: str, name: st
         if artifact is None:
             raise NotFound(f"experiment {experiment_id!r} has no artifact {name!r}")
     return run_key(experiment_id, name)
-
-
-def dispatch_now(*, engine: Engine, publish: Publish, experiment_id: str) -> None:
-    """Send a just-submitted run to its queue now; on any failure the relay will.
-
-    Never raises: the submission is already committed, and its outbox row
-    stays unsent until a publish succeeds.
-    """
-    try:
-        with session_scope(engine) as session:
-            relay_outbox(session, publish, now=utcnow(), experiment_id=experiment_id)
-    except Exception:  # the relay loop retries; the client already has its 201
-        logger.warning(
-            "publishing %s now failed; the dispatcher will", experiment_id, exc_info=True
-        )

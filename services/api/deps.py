@@ -7,15 +7,16 @@ many apps (with as many databases) as they like.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
-from services.api.auth import Caller, authenticate
-from shared.dispatch import Publish
+from services.api.auth import Caller, TokenCache, authenticate
+from services.api.publisher import SubmitPublisher
 from shared.settings import Settings
 from shared.storage.base import ArtifactStore
 
@@ -27,7 +28,8 @@ class AppContext:
     settings: Settings
     engine: Engine
     store: ArtifactStore
-    publish: Publish | None = None  # sends a new run to its queue at once (else the relay does)
+    publisher: SubmitPublisher | None = None  # sends new runs to their queues at once
+    tokens: TokenCache = field(default_factory=lambda: TokenCache(0.0))
 
 
 def get_context(request: Request) -> AppContext:
@@ -58,12 +60,20 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 _bearer = HTTPBearer(auto_error=False, description="an API token: ff_...")
 
 
-def get_caller(
-    engine: EngineDep,
+async def get_caller(
+    context: ContextDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    """The authenticated caller, or a 401."""
-    return authenticate(engine, credentials.credentials if credentials else None)
+    """The authenticated caller, or a 401 (a recently checked token skips the database)."""
+    secret = credentials.credentials if credentials else None
+    if secret:
+        cached = context.tokens.get(secret)
+        if cached is not None:
+            return cached
+    caller = await run_in_threadpool(authenticate, context.engine, secret)
+    if secret:
+        context.tokens.put(secret, caller)
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -137,3 +137,74 @@ class Comparison(BaseModel):
     ids: list[str]
     spec_differences: dict[str, list[Any]]
     runs: list[ComparedRun]
+
+
+# --- admin: the fleet and its queues ------------------------------------------
+
+
+class WorkerRead(_Read):
+    """A worker as ``GET /v1/admin/workers`` shows it; ``state`` is lost once it stops beating."""
+
+    id: str
+    hostname: str
+    queues: list[str]
+    gpus: int
+    gpu_model: str | None
+    memory_bytes: int | None
+    versions: dict[str, Any]
+    state: str
+    current_experiment_id: str | None
+    started_at: datetime
+    last_heartbeat: datetime
+    seconds_since_heartbeat: float
+
+
+class WorkerList(BaseModel):
+    """Every worker the fleet has seen (live first), and the rule that makes one lost."""
+
+    workers: list[WorkerRead]
+    lost_after_s: float
+
+
+class WaitingRunRead(_Read):
+    """A queued or dispatched run, its place in line, and why it has not started."""
+
+    id: str
+    state: str
+    priority: int
+    created_at: datetime
+    age_seconds: float
+    position: int
+    gpus: int
+    nodes: int
+    placeable_ever: bool
+    placeable_now: bool
+    reason: str | None
+
+
+class QueueRead(_Read):
+    """One queue: depth in the database and in the broker, oldest waiting run, workers.
+
+    ``broker_depth`` is None when the broker could not be asked (see
+    ``broker_error`` on the list).
+    """
+
+    name: str
+    database_depth: int
+    queued: int
+    dispatched: int
+    running: int
+    broker_depth: int | None
+    oldest_waiting_id: str | None
+    oldest_waiting_age_seconds: float | None
+    live_workers: int
+    idle_workers: int
+    lost_workers: int
+    waiting: list[WaitingRunRead]
+
+
+class QueueList(BaseModel):
+    """Every known queue; ``broker_error`` says why broker depths are missing, if they are."""
+
+    queues: list[QueueRead]
+    broker_error: str | None

@@ -147,6 +147,9 @@ def test_token_create_then_use_then_revoke(
 
     url = f"sqlite:///{tmp_path / 'ff.db'}"
     monkeypatch.setenv("FITFLEET_DATABASE_URL", url)
+    # Revocation is immediate without the API's token cache (its delay is
+    # tested in tests/unit/api/test_fast_path.py).
+    monkeypatch.setenv("FITFLEET_AUTH_CACHE_S", "0")
     get_settings.cache_clear()
     upgrade(url)
     runner = CliRunner()

@@ -7,6 +7,15 @@ Celery, HTTP or SQL.  Files it writes, all inside the run folder:
 ``checkpoints/<stage>-epoch<N>.pt`` (the latest epoch of the running stage),
 ``checkpoints/<stage>.pt`` (each stage's kept weights), ``checkpoints/latest.json``,
 ``plots/*.png``, ``report.json`` and ``test_predictions.csv``.
+
+When the GPU runs out of memory during an epoch (or an lr_find), the engine
+puts the model, the optimizer, the RNG and the cursor back where the epoch
+began, halves the per-process micro-batch (doubling the gradient
+accumulation, so the global batch stays the spec's) and runs the epoch again;
+below :data:`workers.training.oom.MIN_MICRO_BATCH` it fails with a
+TrainingError.  Each retry is an "oom" event and a ``StageReport.oom_retries``
+record; the accumulation carries on to later epochs and stages and into
+checkpoints.
 """
 
 from __future__ import annotations
@@ -23,13 +32,14 @@ from typing import Any
 import torch
 
 from shared.errors import DataError, Diverged, Stopped, TrainingError
-from shared.results import EpochRow, Finding, Report, StageReport
+from shared.results import EpochRow, Finding, OomRetry, Report, StageReport
 from shared.spec import ExperimentSpec, Stage
 from shared.spec_io import dump_spec
-from workers.training import plots
+from workers.training import oom, plots
 from workers.training.checkpoint import load_checkpoint, read_latest, save_checkpoint, write_latest
 from workers.training.data import Batch, DataBunch, batch_seed, build_data
 from workers.training.diagnosis import diagnose
+from workers.training.distributed import Collectives
 from workers.training.files import resolve_source
 from workers.training.interpret import interpret
 from workers.training.learner import Learner, Precision
@@ -38,28 +48,48 @@ from workers.training.lr_finder import lr_find
 from workers.training.models import build_model, create_head, imagenet_weights_file
 from workers.training.prefetch import prefetch
 from workers.training.reporter import NullReporter, Reporter
-from workers.training.schedule import lr_range
+from workers.training.schedule import Smoother, lr_range
 
 log = logging.getLogger(__name__)
 
 RunCheckpointResolver = Callable[[str, str | None], Path]
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+Agree = Callable[[float, bool], tuple[float, bool]]
 
 
 @dataclass
 class Runtime:
-    """Where the engine runs: device and, under DDP, this process's rank."""
+    """Where the engine runs: device and, under DDP, this rank and its collectives."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rank: int = 0
     world_size: int = 1
-    all_reduce: AllReduce | None = None
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    collectives: Collectives | None = None
+
+    @classmethod
+    def distributed(cls, collectives: Collectives) -> Runtime:
+        """The runtime of one DDP rank (see :mod:`workers.training.distributed`)."""
+        return cls(
+            device=collectives.device,
+            rank=collectives.rank,
+            world_size=collectives.world_size,
+            collectives=collectives,
+        )
 
     @property
     def is_main(self) -> bool:
         """Only rank 0 reports and writes files."""
         return self.rank == 0
+
+    @property
+    def all_reduce(self) -> AllReduce | None:
+        """Sum across ranks, for validation totals (None in one process)."""
+        return self.collectives.all_reduce if self.collectives is not None else None
+
+    @property
+    def agree(self) -> Agree | None:
+        """Mean loss and any-stop across ranks, once per step (None in one process)."""
+        return self.collectives.agree_step if self.collectives is not None else None
 
 
 @dataclass
@@ -72,6 +102,67 @@ class EngineOptions:
     resume: bool = False
     resolve_run: RunCheckpointResolver | None = None
     cache_bytes: int | None = None
+    # Test hook: training forward passes of this many images or more raise CUDA's
+    # OutOfMemoryError (default: FITFLEET_TEST_OOM_AT_BATCH); see workers.training.oom.
+    oom_at_batch: int | None = None
+
+
+@dataclass
+class _EpochStart:
+    """Where an epoch began, on the CPU, to start it again after running out of memory."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: torch.Tensor
+    cuda_rng: torch.Tensor | None
+    batch: int
+    step: int
+    smoother: dict[str, float]
+    points: int
+    epoch_seconds: float
+
+    @classmethod
+    def take(cls, learner: Learner, cursor: StageCursor) -> _EpochStart:
+        assert learner.optimizer is not None
+        cuda = learner.device.type == "cuda"
+        return cls(
+            model=_cpu_copy(learner.core.state_dict()),
+            optimizer=_cpu_copy(learner.optimizer.state_dict()),
+            rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(learner.device) if cuda else None,
+            batch=cursor.batch,
+            step=cursor.step,
+            smoother=cursor.smoother.state(),
+            points=len(cursor.points),
+            epoch_seconds=cursor.epoch_seconds,
+        )
+
+    def restore(self, learner: Learner, cursor: StageCursor) -> None:
+        assert learner.optimizer is not None
+        learner.optimizer.zero_grad(set_to_none=True)
+        learner.core.load_state_dict(self.model)
+        learner.optimizer.load_state_dict(_cpu_copy(self.optimizer))
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, learner.device)
+        cursor.batch = self.batch
+        cursor.step = self.step
+        cursor.smoother = Smoother.from_state(self.smoother)
+        del cursor.points[self.points :]
+        cursor.epoch_seconds = self.epoch_seconds
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A copy of a state dict with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cpu_copy(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_cpu_copy(item) for item in value)
+    return value
 
 
 def choose_device(gpus: int, local_rank: int = 0) -> torch.device:
@@ -98,11 +189,18 @@ class _Run:
         self.out = options.out_dir
         self.ckpt_dir = self.out / "checkpoints"
         self.plot_dir = self.out / "plots"
-        self.report = Report(spec=dump_spec(spec), device=str(runtime.device))
+        self.report = Report(
+            spec=dump_spec(spec), device=str(runtime.device), world_size=runtime.world_size
+        )
         self.started = time.perf_counter()
         self.data: DataBunch
         self.learner: Learner
         self.batch_size = spec.data.batch_size
+        self.accumulate = 1  # micro-batches per step; doubles on every CUDA out-of-memory
+        hook = options.oom_at_batch
+        self.oom_at_batch = hook if hook is not None else oom.hook_from_env()
+        # Retrying needs a copy of the epoch's start: only where memory can run out.
+        self.retry_oom = runtime.device.type == "cuda" or self.oom_at_batch is not None
 
     # ------------------------------------------------------------------ files
 
@@ -149,6 +247,7 @@ class _Run:
             "cursor": cursor.state(),
             "rng": torch.get_rng_state(),
             "batch_size": self.batch_size,
+            "accumulate": self.accumulate,
             "report": self.report.model_dump(mode="json"),
         }
         path = self.ckpt_dir / name
@@ -201,6 +300,10 @@ class _Run:
         model = build_model(model_spec.arch, self.data.c, model_spec.head, weights=weights)
         if model_spec.pretrained_run is not None:
             self.load_run_weights(model, *model_spec.pretrained_run)
+        if self.runtime.collectives is not None:
+            model = self.runtime.collectives.prepare(model)  # type: ignore[assignment]
+            if self.spec.resources.sync_bn and self.runtime.device.type != "cuda":
+                self.event("sync_bn", "resources.sync_bn needs CUDA: per-rank BatchNorm on CPU")
         precision = Precision.choose(self.spec.resources.precision, self.runtime.device)
         self.learner = Learner(
             core=model,
@@ -208,9 +311,8 @@ class _Run:
             device=self.runtime.device,
             multi_label=self.data.multi_label,
             precision=precision,
+            oom_at_batch=self.oom_at_batch,
         )
-        if self.runtime.wrap_model is not None:
-            self.learner.wrap(self.runtime.wrap_model(self.learner.core))
         self.report.device = f"{self.runtime.device} ({precision.name})"
 
     def load_run_weights(self, model: torch.nn.Sequential, run_id: str, stage: str | None) -> None:
@@ -248,12 +350,14 @@ class _Run:
         self.learner.core.load_state_dict(payload["model"])
         stage_index = int(payload["stage_index"])
         self.batch_size = int(payload.get("batch_size", self.batch_size))
+        self.accumulate = int(payload.get("accumulate", 1))
         train_mode = str(payload["train_mode"])
         stage_wd = self.spec.stages[min(stage_index, len(self.spec.stages) - 1)].wd
-        self.learner.set_train(train_mode, wd=stage_wd)
+        self.set_train(train_mode, wd=stage_wd)
         assert self.learner.optimizer is not None
         self.learner.optimizer.load_state_dict(payload["opt"])
         self.report = Report.model_validate(payload["report"])
+        self.report.world_size = self.runtime.world_size
         torch.set_rng_state(payload["rng"])
         cursor = StageCursor.from_state(payload["cursor"])
         self.event(
@@ -271,6 +375,14 @@ class _Run:
 
     def per_rank_batch(self) -> int:
         return self.batch_size // self.runtime.world_size
+
+    def micro_batch(self) -> int:
+        """Images per forward pass on this rank (the per-rank batch unless memory ran out)."""
+        return oom.micro_batch(self.per_rank_batch(), self.accumulate)
+
+    def eval_batch(self) -> int:
+        """Validation and prediction batches: twice the training forward pass, as fastai."""
+        return self.micro_batch() * 2
 
     def epoch_batches(self, seed: int, start: int = 0) -> Iterator[Batch]:
         """One epoch's training batches for this rank, prepared a batch or two ahead."""
@@ -300,17 +412,32 @@ class _Run:
                 )
             )
         report = self.report.stages[index]
-        self.learner.set_train(stage.train, wd=stage.wd)
+        self.set_train(stage.train, wd=stage.wd)
         report.trainable_params = self.learner.trainable_parameters()
         finder = stage.lr_find_params
-        if finder is not None and report.lr_find is None:
-            result = lr_find(
-                self.learner,
-                lambda epoch: self.epoch_batches(batch_seed(self.spec.seed, index, 10_000 + epoch)),
-                finder,
-                stage=stage.name,
-                should_stop=self.reporter.should_stop,
-            )
+        while finder is not None and report.lr_find is None:
+            error = None
+            try:
+                result = lr_find(
+                    self.learner,
+                    lambda epoch: self.epoch_batches(
+                        batch_seed(self.spec.seed, index, 10_000 + epoch)
+                    ),
+                    finder,
+                    stage=stage.name,
+                    should_stop=self.reporter.should_stop,
+                    accumulate=self.accumulate,
+                    agree=self.runtime.agree,
+                )
+            except Exception as exc:  # only out of memory is handled; the rest re-raised
+                if not (self.retry_oom and oom.is_out_of_memory(exc)):
+                    raise
+                error = _first_line(exc)
+            if error is not None:
+                # lr_find restored the learner itself; outside ``except`` the failed
+                # step's tensors are garbage.
+                self.shrink_micro_batch(stage, report, epoch=None, batch=0, error=error)
+                continue
             report.lr_find = result
             if self.runtime.is_main:
                 self.reporter.on_lr_find(result)
@@ -328,7 +455,7 @@ class _Run:
             (r.valid_loss for r in report.rows if r.valid_loss is not None), default=None
         )
         for epoch in range(cursor.epoch, stage.epochs):
-            valid_loss = self.run_epoch(index, stage, report, cursor, total, batches)
+            valid_loss = self.run_epoch_retrying(index, stage, report, cursor, total, batches)
             improved = valid_loss is not None and (best_loss is None or valid_loss < best_loss)
             if stage.keep == "best" and improved and self.runtime.is_main:
                 best_loss = valid_loss
@@ -350,6 +477,73 @@ class _Run:
                 return lr_range(None, n_groups)
             return lr_range([suggestion], n_groups)
         return lr_range(stage.max_lr, n_groups)
+
+    def run_epoch_retrying(
+        self,
+        index: int,
+        stage: Stage,
+        report: StageReport,
+        cursor: StageCursor,
+        total: int,
+        batches: int,
+    ) -> float | None:
+        """:meth:`run_epoch`, started again with a smaller micro-batch after each OOM.
+
+        The retried epoch sees the same batches (they depend only on the seed,
+        the stage and the epoch) from the same weights, optimizer state, RNG
+        and cursor, so only the micro-batching differs.
+        """
+        start = _EpochStart.take(self.learner, cursor) if self.retry_oom else None
+        while True:
+            error = ""
+            failed_at = 0
+            try:
+                return self.run_epoch(index, stage, report, cursor, total, batches)
+            except Exception as exc:  # only out of memory is handled; the rest re-raised
+                if start is None or not oom.is_out_of_memory(exc):
+                    raise
+                error = _first_line(exc)
+                failed_at = cursor.batch
+            # Outside ``except``: the traceback, and the activations it kept, are gone.
+            assert self.learner.optimizer is not None
+            self.learner.optimizer.zero_grad(set_to_none=True)
+            self.shrink_micro_batch(stage, report, epoch=cursor.epoch, batch=failed_at, error=error)
+            start.restore(self.learner, cursor)
+
+    def shrink_micro_batch(
+        self, stage: Stage, report: StageReport, *, epoch: int | None, batch: int, error: str
+    ) -> None:
+        """After an OOM: free memory and double the accumulation, or fail at the floor."""
+        oom.release_memory(self.runtime.device)
+        per_rank = self.per_rank_batch()
+        before = self.micro_batch()
+        accumulate = oom.next_accumulate(per_rank, self.accumulate)
+        where = f"stage {stage.name}, " + ("lr_find" if epoch is None else f"epoch {epoch}")
+        if accumulate is None:
+            raise TrainingError(
+                f"{where}: out of memory even at micro-batch {before} "
+                f"(batch_size {self.batch_size}): use a smaller image size or model ({error})"
+            )
+        self.accumulate = accumulate
+        record = OomRetry(
+            stage=stage.name,
+            epoch=epoch,
+            batch=batch,
+            batch_size=self.batch_size,
+            per_rank_batch=per_rank,
+            micro_batch_before=before,
+            micro_batch_after=self.micro_batch(),
+            accumulate=accumulate,
+            error=error,
+        )
+        report.oom_retries.append(record)
+        self.event(
+            "oom",
+            f"{where}: out of memory at micro-batch {before}; retrying with micro-batch "
+            f"{record.micro_batch_after} x {accumulate} accumulated "
+            f"(batch_size {self.batch_size} unchanged)",
+            record.model_dump(mode="json"),
+        )
 
     def run_epoch(
         self,
@@ -378,6 +572,8 @@ class _Run:
                 lrs=report.lrs,
                 on_batch=on_batch,
                 should_stop=self.reporter.should_stop,
+                accumulate=self.accumulate,
+                agree=self.runtime.agree,
             )
         except StopRequested:
             cursor.epoch_seconds += time.perf_counter() - began
@@ -398,7 +594,7 @@ class _Run:
         result = validate(
             self.learner,
             self.data.valid_batches(
-                batch_size=self.per_rank_batch() * 2,
+                batch_size=self.eval_batch(),
                 device=self.runtime.device,
                 rank=self.runtime.rank,
                 world_size=self.runtime.world_size,
@@ -418,6 +614,9 @@ class _Run:
             images_per_second=round(images / train_seconds, 1) if train_seconds > 0 else 0.0,
             lr=cursor.points[-1].lr if cursor.points else report.lrs[-1],
             batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch(),
+            accumulate=self.accumulate,
+            valid_count=result.count,
         )
         report.rows.append(row)
         report.batches = list(cursor.points)
@@ -443,11 +642,26 @@ class _Run:
             previous.unlink(missing_ok=True)
         self.write_report()
 
+    def set_train(self, train: str, *, wd: float) -> None:
+        """Freeze or unfreeze; under DDP re-wrap, since DDP fixes its parameters when made."""
+        if self.learner.set_train(train, wd=wd) and self.runtime.collectives is not None:
+            self.learner.wrap(self.runtime.collectives.wrap(self.learner.core))
+
+    def load_weights(self, path: Path) -> None:
+        """Model weights from a checkpoint only rank 0 wrote; every rank ends with them.
+
+        On several nodes only rank 0's disk has the file, so rank 0 reads it
+        and broadcasts the weights.
+        """
+        if self.runtime.is_main:
+            self.learner.core.load_state_dict(load_checkpoint(path)["model"])
+        if self.runtime.collectives is not None:
+            self.runtime.collectives.broadcast_model(self.learner.core)
+
     def finish_stage(self, index: int, stage: Stage, report: StageReport) -> None:
         """Apply ``keep`` and write ``<stage>.pt``, the stage's kept weights."""
         if stage.keep == "best" and report.kept_epoch is not None:
-            best = load_checkpoint(self.ckpt_dir / f"{stage.name}-best.pt")
-            self.learner.core.load_state_dict(best["model"])
+            self.load_weights(self.ckpt_dir / f"{stage.name}-best.pt")
             self.event(
                 "keep", f"stage {stage.name}: kept epoch {report.kept_epoch} (best valid loss)"
             )
@@ -459,7 +673,7 @@ class _Run:
             current = report.rows[-1].valid_loss if report.rows else None
             if previous is not None and current is not None and current > previous:
                 prev_file = self.ckpt_dir / f"{self.spec.stages[index - 1].name}.pt"
-                self.learner.core.load_state_dict(load_checkpoint(prev_file)["model"])
+                self.load_weights(prev_file)
                 report.reverted = True
                 report.kept_epoch = None
                 self.event(
@@ -499,9 +713,7 @@ class _Run:
         began = time.perf_counter()
         result = validate(
             self.learner,
-            self.data.valid_batches(
-                batch_size=self.per_rank_batch() * 2, device=self.runtime.device
-            ),
+            self.data.valid_batches(batch_size=self.eval_batch(), device=self.runtime.device),
             self.spec.metrics,
             keep_outputs=True,
         )
@@ -577,7 +789,7 @@ class _Run:
         probabilities: list[torch.Tensor] = []
         with self.learner.evaluating():
             for x in self.data.test_batches(
-                batch_size=self.per_rank_batch() * 2, device=self.runtime.device
+                batch_size=self.eval_batch(), device=self.runtime.device
             ):
                 logits = self.learner.forward(x).float()
                 probs = torch.sigmoid(logits) if self.data.multi_label else torch.softmax(logits, 1)
@@ -596,6 +808,11 @@ class _Run:
             rel = path.relative_to(self.data.source).as_posix()
             writer.writerow([rel, predicted, *(f"{float(p):.6f}" for p in probs)])
         self.write_file("predictions", "test_predictions.csv", buffer.getvalue().encode())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _finite(value: float) -> bool:

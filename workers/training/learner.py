@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.training import oom
 from workers.training.models import layer_groups, param_groups, set_trainable
 
 ADAM_BETAS = (0.9, 0.99)
@@ -65,11 +66,14 @@ class Learner:
     optimizer: torch.optim.Optimizer | None = None
     train_mode: str | None = None
     wd: float = 1e-2
+    oom_at_batch: int | None = None  # test hook: see workers.training.oom
 
     def __post_init__(self) -> None:
         self.core.to(self.device)
         if self.device.type == "cuda":
             self.core.to(memory_format=torch.channels_last)
+            # Fixed image sizes: let cuDNN pick the fastest kernels once.
+            torch.backends.cudnn.benchmark = True
         self.model = self.core
         self.groups = layer_groups(self.core, self.arch)
 
@@ -118,6 +122,7 @@ class Learner:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The (wrapped) model under the precision's autocast."""
+        oom.simulate(int(x.shape[0]), self.oom_at_batch)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with self.precision.autocast(self.device):
@@ -130,11 +135,19 @@ class Learner:
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
-        """Eval mode and no grad, restoring train mode afterwards."""
+        """Eval mode and no grad, restoring train mode afterwards.
+
+        Forward passes use the bare model meanwhile: under DDP each rank
+        evaluates its own share, and the wrapper's hooks (buffer broadcasts)
+        must not turn that into collectives the other ranks never join.
+        """
         was_training = self.core.training
+        wrapped = self.model
         self.core.eval()
+        self.model = self.core
         try:
             with torch.inference_mode():
                 yield
         finally:
+            self.model = wrapped
             self.core.train(was_training)

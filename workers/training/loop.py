@@ -9,6 +9,7 @@ smoother's two numbers are part of the cursor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,51 @@ class StopRequested(Exception):
     """Raised inside an epoch when the reporter asked to stop; the cursor is consistent."""
 
 
+def forward_backward(
+    learner: Learner,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    accumulate: int = 1,
+    *,
+    always_backward: bool = False,
+) -> float:
+    """Forward and backward over one batch, in ``accumulate`` micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of the batch
+    (its size over the batch's), so the summed gradients are the gradient of
+    the whole batch's mean loss, and the value returned is that mean.  Under
+    DDP only the last micro-batch synchronises gradients (``no_sync``).  A
+    non-finite micro-batch loss is returned at once, before its backward pass,
+    unless ``always_backward``: under DDP every rank must run the same backward
+    passes (they all-reduce gradients), so a NaN is carried to the step's
+    agreement instead.
+    """
+    scaler = learner.precision.scaler
+    parts = max(1, min(accumulate, int(x.shape[0])))
+    if parts == 1:
+        loss = learner.loss(learner.forward(x), y)
+        value = float(loss.detach())
+        if always_backward or math.isfinite(value):
+            torch.autograd.backward(scaler.scale(loss))
+        return value
+    no_sync = getattr(learner.model, "no_sync", None)
+    full = int(x.shape[0])
+    total = 0.0
+    chunks = zip(torch.tensor_split(x, parts), torch.tensor_split(y, parts), strict=True)
+    for number, (x_part, y_part) in enumerate(chunks):
+        last = number == parts - 1
+        context = no_sync() if no_sync is not None and not last else contextlib.nullcontext()
+        with context:
+            loss = learner.loss(learner.forward(x_part), y_part)
+            value = float(loss.detach())
+            if not math.isfinite(value) and not always_backward:
+                return value
+            weight = int(x_part.shape[0]) / full
+            torch.autograd.backward(scaler.scale(loss * weight))
+        total += value * weight
+    return total
+
+
 def train_epoch(
     learner: Learner,
     batches: Iterator[Batch],
@@ -103,11 +149,19 @@ def train_epoch(
     lrs: Sequence[float],
     on_batch: Callable[[int, float], None],
     should_stop: Callable[[], bool],
+    accumulate: int = 1,
+    agree: Callable[[float, bool], tuple[float, bool]] | None = None,
 ) -> int:
     """Train over ``batches`` from ``cursor.batch`` on; returns images seen.
 
+    Every batch is one optimizer step; with ``accumulate`` > 1 it is split in
+    that many micro-batches whose gradients add up (see :func:`forward_backward`),
+    so the schedule, the cursor and the recorded losses count whole batches.
     Raises Diverged on a non-finite loss and StopRequested (after the cursor
-    points at the next batch) when ``should_stop`` says so.
+    points at the next batch) when ``should_stop`` says so.  Under DDP
+    ``agree`` turns each rank's loss and stop wish into the ranks' mean loss
+    and "any rank wants to stop", so all ranks take the same decision at the
+    same step (a rank that stopped alone would leave the others waiting).
     """
     assert learner.optimizer is not None
     optimizer = learner.optimizer
@@ -117,15 +171,16 @@ def train_epoch(
     for x, y in batches:
         lr_now, momentum = stage_hyper(stage, cursor.step, total_steps, lrs)
         learner.set_hyper(lr_now, momentum)
-        logits = learner.forward(x)
-        loss = learner.loss(logits, y)
-        value = float(loss.detach())
+        value = forward_backward(learner, x, y, accumulate, always_backward=agree is not None)
+        stop = False
+        if agree is not None:
+            value, stop = agree(value, should_stop())
         if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
             raise Diverged(
                 f"stage {stage.name}: the training loss became {value} at epoch {cursor.epoch}, "
                 f"batch {cursor.batch} (lr {lr_now[-1]:.3g}): the learning rate is too high"
             )
-        torch.autograd.backward(scaler.scale(loss))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -137,7 +192,7 @@ def train_epoch(
         cursor.batch += 1
         seen += int(x.shape[0])
         on_batch(cursor.batch, smooth)
-        if should_stop():
+        if stop or (agree is None and should_stop()):
             raise StopRequested
     return seen
 

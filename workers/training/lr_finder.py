@@ -19,6 +19,7 @@ from shared.results import LrFindResult
 from shared.spec import LrFind
 from workers.training.data import Batch
 from workers.training.learner import ADAM_BETAS, Learner
+from workers.training.loop import forward_backward
 from workers.training.schedule import Smoother, lr_find_lr, suggest_lr, suggest_minimum
 
 
@@ -29,8 +30,14 @@ def lr_find(
     *,
     stage: str,
     should_stop: Callable[[], bool] = lambda: False,
+    accumulate: int = 1,
+    agree: Callable[[float, bool], tuple[float, bool]] | None = None,
 ) -> LrFindResult:
-    """Sweep the lr over training batches and suggest one; the learner is restored."""
+    """Sweep the lr over training batches and suggest one; the learner is restored.
+
+    ``accumulate`` splits every batch in micro-batches (after running out of
+    GPU memory) without changing what a step is.
+    """
     assert learner.optimizer is not None
     optimizer = learner.optimizer
     model_state = copy.deepcopy(learner.core.state_dict())
@@ -53,12 +60,15 @@ def lr_find(
                     step, start_lr=params.start_lr, end_lr=params.end_lr, num_it=params.num_it
                 )
                 learner.set_hyper([lr] * n_groups, ADAM_BETAS[0])
-                loss = learner.loss(learner.forward(x), y)
-                value = float(loss.detach())
+                value = forward_backward(
+                    learner, x, y, accumulate, always_backward=agree is not None
+                )
+                stop = False
+                if agree is not None:  # DDP: the ranks' mean loss, one decision for all
+                    value, stop = agree(value, should_stop())
                 if not math.isfinite(value):
                     stopped_early = True  # a NaN is not recorded: JSON cannot hold it
                     break
-                torch.autograd.backward(learner.precision.scaler.scale(loss))
                 learner.precision.scaler.step(optimizer)
                 learner.precision.scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -72,13 +82,14 @@ def lr_find(
                 if params.stop_div and (smooth > 4 * best or not math.isfinite(smooth)):
                     stopped_early = True
                     break
-                if should_stop():
+                if stop or (agree is None and should_stop()):
                     stopped_early = True
                     break
             if stopped_early or not progressed:
                 break
             epoch += 1
     finally:
+        optimizer.zero_grad(set_to_none=True)
         learner.core.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ import mimetypes
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -89,7 +89,6 @@ async def submit_experiment(
     engine: EngineDep,
     settings: SettingsDep,
     context: ContextDep,
-    background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> ExperimentCreated:
     """Queue a run from a spec (JSON, or YAML with a YAML Content-Type).
@@ -109,15 +108,11 @@ async def submit_experiment(
     )
     if not outcome.created:
         response.status_code = 200
-    elif context.publish is not None:
-        # After the response: the client has its id at once, the worker gets the
-        # message milliseconds later (and the relay, should this publish fail).
-        background.add_task(
-            crud.dispatch_now,
-            engine=engine,
-            publish=context.publish,
-            experiment_id=outcome.experiment.id,
-        )
+    elif context.publisher is not None:
+        # The client has its id at once; the run's message follows within
+        # milliseconds, batched with other new runs (and the relay is the
+        # safety net should that publish fail).
+        context.publisher.notify(outcome.experiment.id)
     return outcome.experiment
 
 

@@ -189,3 +189,50 @@ def test_dispatch_once_publishes_through_the_filesystem_broker(engine: Engine, e
     messages = list((env / "broker" / "queue").iterdir())
     assert len(messages) == 1
     assert run_id in messages[0].read_text()
+
+
+def test_train_run_shows_the_fleet_row_busy_with_the_run_then_idle(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from shared import fleet
+    from shared.db.models import SqlWorker, WorkerState
+    from workers.supervise import Outcome
+
+    monkeypatch.setenv("FITFLEET_WORKER_NAME", "w-test")
+    get_settings.cache_clear()
+    with session_scope(engine) as session:
+        fleet.register_worker(
+            session,
+            worker_id="w-test",
+            hostname="box",
+            queues=["gpu"],
+            gpus=0,
+            gpu_model=None,
+            memory_bytes=None,
+            versions={},
+            now=datetime.now(UTC),
+        )
+    seen: list[tuple[WorkerState, str | None]] = []
+
+    def fake_supervise(*_args: object, **_kwargs: object) -> Outcome:
+        with session_scope(engine) as session:
+            row = session.get(SqlWorker, "w-test")
+            assert row is not None
+            seen.append((row.state, row.current_experiment_id))
+        if len(seen) == 2:
+            raise RuntimeError("supervisor crashed")
+        return Outcome(ExperimentState.SUCCEEDED, None, 0, 1)
+
+    monkeypatch.setattr(tasks, "supervise", fake_supervise)
+    first = submit(engine)
+    tasks.train_run(first)
+    second = submit(engine)
+    with pytest.raises(RuntimeError):
+        tasks.train_run(second)  # even a crash leaves the row idle (the hook's finally)
+    assert seen == [(WorkerState.BUSY, first), (WorkerState.BUSY, second)]
+    with session_scope(engine) as session:
+        row = session.get(SqlWorker, "w-test")
+        assert row is not None
+        assert (row.state, row.current_experiment_id) == (WorkerState.IDLE, None)
