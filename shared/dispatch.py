@@ -24,7 +24,9 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
+from shared.db.base import utcnow
 from shared.db.models import TERMINAL_STATES, ExperimentState, SqlExperiment, SqlOutbox
+from shared.fleet import WorkerView, live_workers, resources_of
 from shared.gangs import GANG_TASK, needs_gang, reserve_gang
 from shared.runs import TRAIN_TASK
 
@@ -117,8 +119,14 @@ def relay_outbox(
     ).all()
     if not rows:
         return 0
+    runs_spec: dict[str, dict[str, Any]] = {}
+    fleet: dict[str, list[WorkerView]] = {}
     runs: dict[str, tuple[ExperimentState, bool, bool]] = {
-        run.id: (run.state, run.cancel_requested, needs_gang(run.spec))
+        run.id: (
+            run.state,
+            run.cancel_requested,
+            needs_gang(runs_spec.setdefault(run.id, run.spec)),
+        )
         for run in session.execute(
             select(
                 SqlExperiment.id,
@@ -140,6 +148,12 @@ def relay_outbox(
                 "cancelling" if cancel_requested else state,
             )
             continue
+        if (
+            row.task == TRAIN_TASK
+            and not gang
+            and not _fits_fleet(session, row, runs_spec, fleet, lost_after_s)
+        ):
+            continue  # stays queued; GET /v1/admin/queues gives the reason
         if gang and row.task == TRAIN_TASK:
             if _publish_gang(session, row, publish, now, lost_after_s, join_timeout_s):
                 row.sent_at = now
@@ -182,6 +196,30 @@ def relay_outbox(
         )
     session.flush()
     return len(published)
+
+
+def _fits_fleet(
+    session: Session,
+    row: SqlOutbox,
+    specs: dict[str, dict[str, Any]],
+    fleet: dict[str, list[WorkerView]],
+    lost_after_s: float,
+) -> bool:
+    """False when the queue has live workers but none with the GPUs the run needs.
+
+    Such a run is held back rather than handed to a worker that cannot place it
+    (it waits, with its reason in ``GET /v1/admin/queues``, until the fleet
+    grows). A queue with no live worker at all still gets the message: it
+    waits in the broker for the first worker to start. ``fleet`` caches each
+    queue's live workers for the pass.
+    """
+    if row.queue not in fleet:
+        fleet[row.queue] = live_workers(session, row.queue, now=utcnow(), lost_after_s=lost_after_s)
+    live = fleet[row.queue]
+    if not live:
+        return True
+    gpus, _ = resources_of(specs.get(row.experiment_id, {}))
+    return any(worker.gpus >= gpus for worker in live)
 
 
 def _publish_gang(

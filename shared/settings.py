@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # How long the API trusts a token it has checked (seconds): a revoked token
     # stops working within this. 0 checks the database on every request.
     auth_cache_s: float = Field(5.0, ge=0)
+    # How long the nodes of a multi-node run wait for each other at torchrun's
+    # rendezvous before the run goes back to the queue (seconds).
+    gang_join_timeout_s: float = Field(120.0, gt=0)
     # Overrides the command a worker task supervises (a JSON list, e.g.
     # FITFLEET_WORKER_CHILD_COMMAND='["python", "fake_trainer.py"]'); the
     # experiment id and "--worker-id ID" are appended. Empty means

@@ -83,12 +83,20 @@ def dispatch_pass(
     (:func:`shared.fleet.mark_lost`; ``lost_after_s`` defaults to the
     settings'), in a third transaction so it can never hold back a rescue.
     """
+    settings = get_settings()
+    if lost_after_s is None:
+        lost_after_s = settings.worker_lost_after_s
     with session_scope(engine) as session:
-        published = relay_outbox(session, publish, limit=limit, now=datetime.now(UTC))
+        published = relay_outbox(
+            session,
+            publish,
+            limit=limit,
+            now=datetime.now(UTC),
+            lost_after_s=lost_after_s,
+            join_timeout_s=settings.gang_join_timeout_s,
+        )
     with session_scope(engine) as session:
         rescued = len(requeue_expired(session, now=datetime.now(UTC), limit=limit))
-    if lost_after_s is None:
-        lost_after_s = get_settings().worker_lost_after_s
     with session_scope(engine) as session:
         lost = mark_lost(session, now=datetime.now(UTC), lost_after_s=lost_after_s)
     if lost:

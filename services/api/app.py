@@ -41,7 +41,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from shared.celery import make_celery
         from shared.dispatch import celery_publisher
 
-        publisher = SubmitPublisher(engine, celery_publisher(make_celery(settings)))
+        publisher = SubmitPublisher(
+            engine,
+            celery_publisher(make_celery(settings)),
+            lost_after_s=settings.worker_lost_after_s,
+            join_timeout_s=settings.gang_join_timeout_s,
+        )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

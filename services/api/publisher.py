@@ -23,7 +23,12 @@ from sqlalchemy import Engine
 
 from shared.db.base import utcnow
 from shared.db.session import session_scope
-from shared.dispatch import Publish, relay_outbox
+from shared.dispatch import (
+    DEFAULT_JOIN_TIMEOUT_S,
+    DEFAULT_LOST_AFTER_S,
+    Publish,
+    relay_outbox,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +44,18 @@ class SubmitPublisher:
     publishes whatever is still pending first.
     """
 
-    def __init__(self, engine: Engine, publish: Publish) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        publish: Publish,
+        *,
+        lost_after_s: float = DEFAULT_LOST_AFTER_S,
+        join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
+    ) -> None:
         self._engine = engine
         self._publish = publish
+        self._lost_after_s = lost_after_s
+        self._join_timeout_s = join_timeout_s
         self._pending: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -92,7 +106,13 @@ class SubmitPublisher:
         try:
             with session_scope(self._engine) as session:
                 relay_outbox(
-                    session, self._publish, now=utcnow(), experiment_ids=batch, limit=len(batch)
+                    session,
+                    self._publish,
+                    now=utcnow(),
+                    experiment_ids=batch,
+                    limit=len(batch),
+                    lost_after_s=self._lost_after_s,
+                    join_timeout_s=self._join_timeout_s,
                 )
         except Exception:  # the relay loop retries; the clients already have their 201s
             logger.warning(
