@@ -3,11 +3,14 @@
 What it measures, in one run (the machine is noisy, so the baseline is taken
 in the same run):
 
-1. the API: a real uvicorn server (``fitfleet api``) in a child process on a
-   fresh Postgres database; ``--clients`` threads each with its own HTTP
-   connection submit a tiny spec ``--requests`` times in all; every submission
-   writes the experiment, its outbox row and an audit event in one
-   transaction.  Printed: accepted/s, p50 and p99 latency.
+1. the API: a real uvicorn server (as ``fitfleet api --workers N``: ``--workers``
+   processes) in a child process on a fresh Postgres database, publishing new
+   runs to Redis as in production; ``--clients`` threads each with its own
+   keep-alive HTTP connection (``http.client``, light on the shared CPUs)
+   submit a tiny spec ``--requests`` times in all, each with its own
+   Idempotency-Key; every submission writes the experiment, its outbox row
+   and an audit event atomically, and is published right after.  Printed:
+   accepted/s, p50 and p99 latency.
 2. the baseline: a bare Celery ``send_task`` to Redis from as many threads,
    the cost of publishing a message with nothing else around it.
 3. submit-to-claim latency with an idle worker: a real ``celery worker`` on
@@ -17,7 +20,8 @@ in the same run):
    send_task -> task start latency of a no-op task on the same worker.
 
 Targets (issue 3): >= 300 submissions/s with 20 clients; submit-to-claim p50
-<= 100 ms, on this 2-core machine.
+<= 100 ms, on this 2-core machine. Everything (server, Postgres, Redis, the
+load generator) shares those 2 cores, so run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -116,6 +120,8 @@ def bench_api(total: int, clients: int, workdir: Path, workers: int) -> tuple[fl
             "FITFLEET_HOME": str(workdir),
             "FITFLEET_DATABASE_URL": url,
             "FITFLEET_DATA_ROOTS": str(workdir / "data"),
+            # Production's broker: the API publishes each new run to Redis.
+            "FITFLEET_BROKER_URL": "redis://127.0.0.1:6379/13",
         }
         server = subprocess.Popen(
             [
@@ -174,6 +180,9 @@ def bench_api(total: int, clients: int, workdir: Path, workers: int) -> tuple[fl
         if server is not None:
             server.terminate()
             server.wait(10)
+        import redis as redis_client
+
+        redis_client.Redis.from_url("redis://127.0.0.1:6379/13").flushdb()
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))

@@ -45,7 +45,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine,
             celery_publisher(make_celery(settings)),
             lost_after_s=settings.worker_lost_after_s,
-            join_timeout_s=settings.gang_join_timeout_s,
         )
 
     @asynccontextmanager

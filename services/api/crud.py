@@ -18,7 +18,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from sqlalchemy import Boolean, ColumnElement, Engine, cast, func, literal, select
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Engine,
+    Table,
+    bindparam,
+    cast,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -38,7 +50,7 @@ from services.api.schemas import (
     LrFindRead,
     LrFindStage,
 )
-from shared.db.base import utcnow
+from shared.db.base import Base, JsonType, UtcDateTime, utcnow
 from shared.db.models import (
     TERMINAL_STATES,
     ExperimentState,
@@ -47,13 +59,14 @@ from shared.db.models import (
     SqlEvent,
     SqlExperiment,
     SqlLrFindPoint,
+    SqlOutbox,
     SqlProject,
     SqlStage,
     new_id,
 )
-from shared.db.session import session_scope
+from shared.db.session import session_scope, translate_errors
 from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
-from shared.runs import train_message
+from shared.runs import TRAIN_TASK
 from shared.spec import ExperimentSpec
 from shared.spec_io import dump_spec
 from shared.storage.layout import run_key
@@ -144,6 +157,76 @@ def _ensure_project(engine: Engine, project: str) -> None:
         pass
 
 
+def _insert_submission(
+    engine: Engine,
+    run_row: dict[str, Any],
+    message_row: dict[str, Any],
+    event_row: dict[str, Any],
+) -> None:
+    """Write a run, its outbox message and its submit event, all or nothing.
+
+    A submission is the API's hottest path and its rows are known up front, so
+    no ORM unit of work: on Postgres one statement (data-modifying CTEs) in
+    autocommit, so one round trip where three INSERTs and a COMMIT took five;
+    elsewhere (SQLite) three INSERTs in one transaction. The statement is
+    atomic either way; a duplicate Idempotency-Key raises :class:`Conflict`.
+    """
+    if engine.dialect.name != "postgresql":
+        with session_scope(engine) as session:
+            session.execute(insert(_table(SqlExperiment)), [run_row])
+            session.execute(insert(_table(SqlOutbox)), [message_row])
+            session.execute(insert(_table(SqlEvent)), [event_row])
+        return
+    params = {
+        **run_row,
+        "state": ExperimentState.QUEUED.value,
+        "now": run_row["created_at"],
+        "task": message_row["task"],
+        "payload": message_row["payload"],
+        "message": event_row["message"],
+        "data": event_row["data"],
+    }
+    with translate_errors(), engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(_SUBMIT_SQL, params)
+
+
+# The Postgres submission as one statement, written out once: built with the
+# expression language per request, compiling it cost more than running it.
+_SUBMIT_SQL = text(
+    """
+    WITH new_run AS (
+        INSERT INTO experiments (
+            id, project_id, name, spec, spec_hash, state, attempt, queue, priority,
+            submitted_by, idempotency_key, tags, arch, dataset, created_at, updated_at,
+            cancel_requested
+        )
+        VALUES (
+            :id, :project_id, :name, :spec, :spec_hash, :state, 0, :queue, :priority,
+            :submitted_by, :idempotency_key, :tags, :arch, :dataset, :now, :now, false
+        )
+        RETURNING id
+    ), new_message AS (
+        INSERT INTO outbox (experiment_id, task, queue, priority, payload, created_at, attempts)
+        SELECT id, :task, :queue, :priority, :payload, :now, 0 FROM new_run
+    )
+    INSERT INTO events (experiment_id, kind, message, data, actor, created_at)
+    SELECT id, 'submit', :message, :data, :submitted_by, :now FROM new_run
+    """
+).bindparams(
+    bindparam("spec", type_=JsonType),
+    bindparam("tags", type_=JsonType),
+    bindparam("payload", type_=JsonType),
+    bindparam("data", type_=JsonType),
+    bindparam("now", type_=UtcDateTime()),
+)
+
+
+def _table(model: type[Base]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
 def submit(
     *, engine: Engine, caller: Caller, spec: ExperimentSpec, idempotency_key: str | None
 ) -> Submitted:
@@ -170,38 +253,54 @@ def submit(
     # on every new submission, the common case).
     if caller.is_admin:
         _ensure_project(engine, spec.project)
+    now = utcnow()
+    run_id = new_id("exp")
+    queue = spec.resources.queue
+    run_row = {
+        "id": run_id,
+        "project_id": spec.project,
+        "name": spec.name,
+        "spec": document,
+        "spec_hash": digest,
+        "state": ExperimentState.QUEUED,
+        "attempt": 0,
+        "queue": queue,
+        "priority": spec.resources.priority,
+        "submitted_by": caller.token_id,
+        "idempotency_key": idempotency_key,
+        "tags": list(spec.tags),
+        "arch": spec.model.arch,
+        "dataset": spec.data.source,
+        "created_at": now,
+        "updated_at": now,
+        "cancel_requested": False,
+    }
+    message_row = {
+        "experiment_id": run_id,
+        "task": TRAIN_TASK,
+        "queue": queue,
+        "priority": spec.resources.priority,
+        "payload": {"experiment_id": run_id},
+        "created_at": now,
+        "attempts": 0,
+    }
+    event_row = {
+        "experiment_id": run_id,
+        "kind": "submit",
+        "message": f"submitted {spec.name!r} to queue {queue!r}",
+        "data": {"idempotency_key": idempotency_key},
+        "actor": caller.token_id,
+        "created_at": now,
+    }
     try:
-        with session_scope(engine) as session:
-            row = SqlExperiment(
-                id=new_id("exp"),
-                project_id=spec.project,
-                name=spec.name,
-                spec=document,
-                spec_hash=digest,
-                state=ExperimentState.QUEUED,
-                attempt=0,
-                queue=spec.resources.queue,
-                priority=spec.resources.priority,
-                submitted_by=caller.token_id,
-                idempotency_key=idempotency_key,
-                tags=list(spec.tags),
-                arch=spec.model.arch,
-                dataset=spec.data.source,
-            )
-            session.add(row)
-            session.flush()
-            session.add(train_message(row))
-            session.add(
-                SqlEvent(
-                    experiment_id=row.id,
-                    kind="submit",
-                    message=f"submitted {spec.name!r} to queue {row.queue!r}",
-                    data={"idempotency_key": idempotency_key},
-                    actor=caller.token_id,
-                )
-            )
-            session.flush()
-            created = ExperimentCreated.model_validate(row)
+        _insert_submission(engine, run_row, message_row, event_row)
+        created = ExperimentCreated(
+            id=run_id,
+            state=ExperimentState.QUEUED.value,
+            name=spec.name,
+            project=spec.project,
+            created_at=now,
+        )
     except Conflict:
         if idempotency_key is None:
             raise

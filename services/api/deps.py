@@ -32,8 +32,13 @@ class AppContext:
     tokens: TokenCache = field(default_factory=lambda: TokenCache(0.0))
 
 
-def get_context(request: Request) -> AppContext:
-    """The context :func:`services.api.app.create_app` stored on the app."""
+async def get_context(request: Request) -> AppContext:
+    """The context :func:`services.api.app.create_app` stored on the app.
+
+    The trivial dependencies are ``async`` on purpose: FastAPI runs a plain
+    ``def`` dependency in its thread pool, a thread hop per dependency per
+    request, which cost the submit route more than its own database work.
+    """
     context = request.app.state.context
     assert isinstance(context, AppContext)
     return context
@@ -42,12 +47,12 @@ def get_context(request: Request) -> AppContext:
 ContextDep = Annotated[AppContext, Depends(get_context)]
 
 
-def get_settings(context: ContextDep) -> Settings:
+async def get_settings(context: ContextDep) -> Settings:
     """The settings the app was built with (not the process environment)."""
     return context.settings
 
 
-def get_engine(context: ContextDep) -> Engine:
+async def get_engine(context: ContextDep) -> Engine:
     """The app's engine; routes open short transactions with ``session_scope``."""
     return context.engine
 

@@ -63,6 +63,13 @@ def _is_memory_sqlite(url: URL) -> bool:
     return database in ("", ":memory:") or url.query.get("mode") == "memory"
 
 
+#: Postgres connections a process keeps open, and how many more it may open
+#: under a burst. With the API's 2 processes, a dispatcher and a few workers
+#: this stays well under Postgres's default 100 connections.
+POOL_SIZE = 15
+POOL_OVERFLOW = 10
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """An engine for ``url`` set up for how fitfleet uses that backend.
 
@@ -76,8 +83,11 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     fresh machine.
 
     Postgres: psycopg 3, ``pool_pre_ping`` (connections dropped by a restart or
-    a proxy are replaced, not handed out) and a connect timeout so an
-    unreachable server fails fast as :class:`BackendUnavailable`.
+    a proxy are replaced, not handed out), a connect timeout so an
+    unreachable server fails fast as :class:`BackendUnavailable`, and a pool
+    that keeps :data:`POOL_SIZE` connections open: SQLAlchemy's default of 5
+    made a busy API open and close a connection (a Postgres backend fork)
+    for most requests.
     """
     parsed = normalize_url(url)
     kwargs: dict[str, Any] = {"echo": echo}
@@ -92,6 +102,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         _install_sqlite_transactions(engine, wal=not memory)
         return engine
     kwargs["pool_pre_ping"] = True
+    kwargs["pool_size"] = POOL_SIZE
+    kwargs["max_overflow"] = POOL_OVERFLOW
     kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
     return create_engine(parsed, **kwargs)
 

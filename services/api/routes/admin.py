@@ -34,7 +34,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 BROKER_TIMEOUT_S = 2.0
 
 
-def require_admin(caller: CallerDep) -> Caller:
+async def require_admin(caller: CallerDep) -> Caller:
     """The caller, if it holds an admin token; a 403 naming what is needed otherwise."""
     if not caller.is_admin:
         raise Forbidden("admin token required: the fleet and queue views span every project")

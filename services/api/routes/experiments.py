@@ -16,8 +16,9 @@ from fastapi.responses import PlainTextResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api import crud
-from services.api.deps import CallerDep, ContextDep, EngineDep, SettingsDep
+from services.api.deps import CallerDep, ContextDep, EngineDep
 from services.api.errors import UnsupportedMediaType
+from services.api.publisher import NewRun
 from services.api.schemas import (
     ArtifactList,
     Comparison,
@@ -86,8 +87,6 @@ async def submit_experiment(
     request: Request,
     response: Response,
     caller: CallerDep,
-    engine: EngineDep,
-    settings: SettingsDep,
     context: ContextDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> ExperimentCreated:
@@ -100,10 +99,10 @@ async def submit_experiment(
     if "project" not in document and caller.project is not None:
         document["project"] = caller.project
     spec = validate_spec(document)
-    crud.check_source(spec.data.source, settings.data_roots)
+    crud.check_source(spec.data.source, context.settings.data_roots)
     outcome = await run_in_threadpool(
         lambda: crud.submit(
-            engine=engine, caller=caller, spec=spec, idempotency_key=idempotency_key
+            engine=context.engine, caller=caller, spec=spec, idempotency_key=idempotency_key
         )
     )
     if not outcome.created:
@@ -112,7 +111,15 @@ async def submit_experiment(
         # The client has its id at once; the run's message follows within
         # milliseconds, batched with other new runs (and the relay is the
         # safety net should that publish fail).
-        context.publisher.notify(outcome.experiment.id)
+        context.publisher.notify(
+            NewRun(
+                id=outcome.experiment.id,
+                queue=spec.resources.queue,
+                priority=spec.resources.priority,
+                gpus=spec.resources.gpus,
+                nodes=spec.resources.nodes,
+            )
+        )
     return outcome.experiment
 
 

@@ -12,12 +12,14 @@ from sqlalchemy import select
 
 from services.api.app import create_app
 from services.api.auth import Caller, TokenCache
-from services.api.publisher import SubmitPublisher
+from services.api.publisher import NewRun, SubmitPublisher
 from services.api.tokens import create_token
+from shared import fleet
 from shared.db.models import ExperimentState, SqlApiToken, SqlExperiment, SqlOutbox
 from shared.db.session import make_engine, session_scope
 from shared.db.upgrade import upgrade
 from shared.dispatch import OutboxMessage
+from shared.runs import TRAIN_TASK
 from shared.settings import Settings
 from tests.rows import add_queued_run
 from tests.unit.api.test_api_sqlite import make_spec
@@ -29,7 +31,11 @@ def _database(tmp_path: Path) -> str:
     return url
 
 
-def test_publisher_sends_every_notified_run_in_few_transactions(tmp_path: Path) -> None:
+def _new(run_id: str, *, queue: str = "gpu", gpus: int = 0, nodes: int = 1) -> NewRun:
+    return NewRun(id=run_id, queue=queue, priority=5, gpus=gpus, nodes=nodes)
+
+
+def test_publisher_sends_every_notified_run_and_marks_them_sent(tmp_path: Path) -> None:
     engine = make_engine(_database(tmp_path))
     ids = []
     with session_scope(engine) as session:
@@ -44,19 +50,46 @@ def test_publisher_sends_every_notified_run_in_few_transactions(tmp_path: Path) 
 
     publisher = SubmitPublisher(engine, publish)
     for run_id in ids:
-        publisher.notify(run_id)
+        publisher.notify(_new(run_id))
     gate.set()
     publisher.close()
-    assert sorted(m.experiment_id for m in sent) == sorted(ids)
-    # The first pass may take only the first run; the others share a pass,
-    # which sends them highest priority first.
-    later = [m.priority for m in sent[1:]]
-    assert later == sorted(later, reverse=True)
+    assert [m.experiment_id for m in sent] == ids
+    assert {(m.task, m.queue) for m in sent} == {(TRAIN_TASK, "gpu")}
     with session_scope(engine) as session:
         states = set(session.scalars(select(SqlExperiment.state)))
         unsent = session.scalars(select(SqlOutbox).where(SqlOutbox.sent_at.is_(None))).all()
     assert states == {ExperimentState.DISPATCHED}
     assert unsent == []
+    engine.dispose()
+
+
+def test_gangs_and_runs_too_big_for_the_fleet_are_left_to_the_dispatcher(tmp_path: Path) -> None:
+    engine = make_engine(_database(tmp_path))
+    with session_scope(engine) as session:
+        fleet.register_worker(
+            session,
+            worker_id="cpu-1",
+            hostname="h",
+            queues=["gpu"],
+            gpus=0,
+            gpu_model=None,
+            memory_bytes=None,
+            versions={},
+            now=datetime.now(UTC),
+        )
+        plain, gang, big = (add_queued_run(session) for _ in range(3))
+    sent: list[OutboxMessage] = []
+    publisher = SubmitPublisher(engine, sent.append)
+    publisher.notify(_new(plain))
+    publisher.notify(_new(gang, nodes=2))
+    publisher.notify(_new(big, gpus=1))
+    publisher.close()
+    assert [m.experiment_id for m in sent] == [plain]
+    with session_scope(engine) as session:
+        unsent = set(
+            session.scalars(select(SqlOutbox.experiment_id).where(SqlOutbox.sent_at.is_(None)))
+        )
+    assert unsent == {gang, big}
     engine.dispose()
 
 
@@ -69,13 +102,11 @@ def test_a_failed_publish_leaves_the_row_for_the_relay(tmp_path: Path) -> None:
         raise ConnectionError("broker down")
 
     publisher = SubmitPublisher(engine, publish)
-    publisher.notify(run_id)
+    publisher.notify(_new(run_id))
     publisher.close()
     with session_scope(engine) as session:
         row = session.scalars(select(SqlOutbox)).one()
-        assert row.sent_at is None
-        assert row.attempts == 1
-        assert "broker down" in (row.last_error or "")
+        assert row.sent_at is None  # the dispatcher's relay still sends it
         assert session.get(SqlExperiment, run_id).state == ExperimentState.QUEUED  # type: ignore[union-attr]
     engine.dispose()
 
