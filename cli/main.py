@@ -388,11 +388,15 @@ def _follow(api: Client, experiment_id: str, poll: float) -> int:
 
     shown = 0
     state = ""
+    waiting: str | None = None
     while True:
         run = api.get(experiment_id)
         if run["state"] != state:
             state = run["state"]
             click.echo(f"state: {state} (attempt {run['attempt']})")
+        if run.get("waiting_reason") and run["waiting_reason"] != waiting:
+            waiting = run["waiting_reason"]
+            click.echo(f"waiting: {waiting}")
         rows = api.metrics(experiment_id)
         for row in rows[shown:]:
             metrics = "  ".join(

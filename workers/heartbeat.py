@@ -40,6 +40,7 @@ from sqlalchemy import Engine
 
 from shared import fleet
 from shared.db.session import make_engine, session_scope
+from shared.gangs import NODE_QUEUE_PREFIX
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -231,12 +232,17 @@ _current: Heartbeat | None = None
 
 
 def _consumer_queues(sender: Any) -> list[str]:
-    """The queue names the worker consumes (``-Q``), from the consumer the signal sends."""
+    """The queue names the worker consumes (``-Q``), from the consumer the signal sends.
+
+    Its own node queue (:func:`shared.gangs.node_queue`) is left out: only the
+    dispatcher's gang messages go there, and runs cannot name it.
+    """
     app = getattr(sender, "app", None)
     try:
-        return sorted(app.amqp.queues.consume_from) if app is not None else []
+        names = sorted(app.amqp.queues.consume_from) if app is not None else []
     except AttributeError:
         return []
+    return [name for name in names if not name.startswith(NODE_QUEUE_PREFIX)]
 
 
 def _after_fork_in_child(engine: Engine) -> None:

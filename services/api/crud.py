@@ -65,7 +65,9 @@ from shared.db.models import (
     new_id,
 )
 from shared.db.session import session_scope, translate_errors
+from shared.dispatch import DEFAULT_LOST_AFTER_S
 from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
+from shared.fleet import placement_for_run
 from shared.runs import TRAIN_TASK
 from shared.spec import ExperimentSpec
 from shared.spec_io import dump_spec
@@ -378,8 +380,14 @@ def list_experiments(
     return ExperimentList(items=items, count=total or 0, limit=limit, offset=offset)
 
 
-def get_experiment(*, engine: Engine, caller: Caller, experiment_id: str) -> ExperimentRead:
-    """One run with its latest epoch row, or :class:`NotFound`."""
+def get_experiment(
+    *,
+    engine: Engine,
+    caller: Caller,
+    experiment_id: str,
+    lost_after_s: float = DEFAULT_LOST_AFTER_S,
+) -> ExperimentRead:
+    """One run with its latest epoch row (and why it waits, if queued), or :class:`NotFound`."""
     with session_scope(engine) as session:
         row = _visible(session, caller, experiment_id)
         latest = session.scalars(
@@ -389,7 +397,13 @@ def get_experiment(*, engine: Engine, caller: Caller, experiment_id: str) -> Exp
             .limit(1)
         ).first()
         summary = ExperimentSummary.model_validate(row)
+        waiting = None
+        if row.state in _CANCEL_NOW:
+            waiting = placement_for_run(
+                session, row, now=utcnow(), lost_after_s=lost_after_s
+            ).reason
         return ExperimentRead(
+            waiting_reason=waiting,
             **summary.model_dump(),
             current_stage=row.current_stage,
             current_epoch=row.current_epoch,

@@ -77,6 +77,9 @@ class ExperimentRead(ExperimentSummary):
     submitted_by: str | None
     latest_metrics: EpochMetricRead | None
     spec: dict[str, Any]
+    # Why a queued run has not started, when the live fleet cannot place it now
+    # (e.g. "needs 2 nodes with 8 GPUs; 1 is idle"); None otherwise.
+    waiting_reason: str | None = None
 
 
 class ExperimentList(BaseModel):

@@ -152,9 +152,17 @@ def list_experiments(
 
 
 @router.get("/{experiment_id}", response_model=ExperimentRead)
-def get_experiment(experiment_id: str, caller: CallerDep, engine: EngineDep) -> ExperimentRead:
-    """One run: state, attempt, current stage and epoch, latest metrics, error, spec."""
-    return crud.get_experiment(engine=engine, caller=caller, experiment_id=experiment_id)
+def get_experiment(experiment_id: str, caller: CallerDep, context: ContextDep) -> ExperimentRead:
+    """One run: state, attempt, current stage and epoch, latest metrics, error, spec.
+
+    A queued run the live fleet cannot place now says why in ``waiting_reason``.
+    """
+    return crud.get_experiment(
+        engine=context.engine,
+        caller=caller,
+        experiment_id=experiment_id,
+        lost_after_s=context.settings.worker_lost_after_s,
+    )
 
 
 @router.get(
