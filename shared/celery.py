@@ -10,12 +10,16 @@ late and the task is made idempotent by the lease in Postgres
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
 
 from shared.runs import TRAIN_TASK
 from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_QUEUE", "REDIS_VISIBILITY_TIMEOUT_S", "TRAIN_TASK", "make_celery"]
 
@@ -89,3 +93,42 @@ def make_celery(settings: Settings, *, events: bool = False) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+#: Seconds to wait for the broker before giving up on depths.
+BROKER_TIMEOUT_S = 2.0
+
+
+def broker_depths(
+    settings: Settings, queues: Sequence[str]
+) -> tuple[dict[str, int | None], str | None]:
+    """Messages waiting in the broker per queue, and an error string if the broker is down.
+
+    A passive declare of a queue the broker does not know (Redis drops the
+    list of an empty queue) is a depth of 0, not an error.
+    """
+    from kombu.connection import Connection
+    from kombu.exceptions import ChannelError
+
+    depths: dict[str, int | None] = dict.fromkeys(queues)
+    try:
+        with Connection(  # type: ignore[no-untyped-call]
+            settings.broker_url,
+            connect_timeout=BROKER_TIMEOUT_S,
+            transport_options=transport_options(settings),
+        ) as conn:
+            conn.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
+            for name in queues:
+                channel = conn.channel()
+                try:
+                    depths[name] = int(
+                        channel.queue_declare(queue=name, passive=True).message_count
+                    )
+                except ChannelError:
+                    depths[name] = 0
+                finally:
+                    channel.close()
+    except Exception as exc:  # kombu raises many transport-specific types
+        logger.warning("broker depths unavailable: %s", exc)
+        return dict.fromkeys(queues), f"broker unavailable: {exc}"
+    return depths, None

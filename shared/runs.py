@@ -19,6 +19,7 @@ the reconciler agree on one clock per transaction.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -331,3 +332,81 @@ def _rowcount(result: Result[Any]) -> int:
     # ``Session.execute`` is typed as returning ``Result``; an UPDATE gives a
     # ``CursorResult``, the only kind with ``rowcount``.
     return cast(CursorResult[Any], result).rowcount
+
+
+def redispatch_lost(
+    session: Session,
+    *,
+    now: datetime,
+    stale_after_s: float,
+    broker_depths: Mapping[str, int | None],
+    limit: int = 100,
+) -> list[str]:
+    """Queue again dispatched runs whose message the broker no longer holds; their ids.
+
+    A broker that restarts without its data (Redis without persistence, a
+    flushed database) loses the messages of runs already marked dispatched:
+    their outbox rows are sent, no worker will ever claim them, and without
+    this they would wait forever. A run counts as lost when it has been
+    dispatched for over ``stale_after_s`` with no lease, no unsent outbox row,
+    and its queue is *empty* in the broker (``broker_depths[queue] == 0``; an
+    unknown depth, ``None``, is never taken for empty). A run that only waits
+    behind a busy fleet has its message in the broker and is left alone. If a
+    message was in fact still on its way, the run gets two: the lease keeps it
+    from training twice.
+    """
+    _check_aware(now)
+    empty = [queue for queue, depth in broker_depths.items() if depth == 0]
+    if not empty:
+        return []
+    unsent = select(SqlOutbox.experiment_id).where(SqlOutbox.sent_at.is_(None))
+    rows = session.scalars(
+        select(SqlExperiment)
+        .where(
+            SqlExperiment.state == ExperimentState.DISPATCHED,
+            SqlExperiment.lease_owner.is_(None),
+            SqlExperiment.cancel_requested.is_(False),
+            SqlExperiment.queue.in_(empty),
+            SqlExperiment.updated_at < now - timedelta(seconds=stale_after_s),
+            SqlExperiment.id.not_in(unsent),
+        )
+        .order_by(SqlExperiment.updated_at, SqlExperiment.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for row in rows:
+        row.state = ExperimentState.QUEUED
+        row.updated_at = now
+        session.add(train_message(row, now=now))
+        session.add(
+            SqlEvent(
+                experiment_id=row.id,
+                kind="redispatched",
+                message=f"queue {row.queue!r} is empty in the broker but the run was never "
+                "claimed: its message was lost (a broker restart?); sent again",
+                data={"queue": row.queue},
+                actor=SYSTEM_ACTOR,
+                created_at=now,
+            )
+        )
+    session.flush()
+    return [row.id for row in rows]
+
+
+def stale_dispatched_queues(session: Session, *, now: datetime, stale_after_s: float) -> list[str]:
+    """Queues holding runs dispatched over ``stale_after_s`` ago and still unclaimed.
+
+    The broker is asked about these only (see :func:`redispatch_lost`).
+    """
+    _check_aware(now)
+    return sorted(
+        session.scalars(
+            select(SqlExperiment.queue)
+            .where(
+                SqlExperiment.state == ExperimentState.DISPATCHED,
+                SqlExperiment.lease_owner.is_(None),
+                SqlExperiment.updated_at < now - timedelta(seconds=stale_after_s),
+            )
+            .distinct()
+        )
+    )

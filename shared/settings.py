@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # How long the nodes of a multi-node run wait for each other at torchrun's
     # rendezvous before the run goes back to the queue (seconds).
     gang_join_timeout_s: float = Field(120.0, gt=0)
+    # A dispatched run still unclaimed after this long, while its queue is empty
+    # in the broker, lost its message (a broker restart): the dispatcher sends
+    # it again (seconds; see shared.runs.redispatch_lost).
+    redispatch_after_s: float = Field(120.0, gt=0)
     # Overrides the command a worker task supervises (a JSON list, e.g.
     # FITFLEET_WORKER_CHILD_COMMAND='["python", "fake_trainer.py"]'); the
     # experiment id and "--worker-id ID" are appended. Empty means

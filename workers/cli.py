@@ -18,6 +18,7 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -28,10 +29,13 @@ from shared.db.session import make_engine, session_scope
 from shared.dispatch import Publish, celery_publisher, relay_outbox
 from shared.errors import BackendUnavailable
 from shared.fleet import mark_lost
-from shared.runs import requeue_expired
+from shared.runs import redispatch_lost, requeue_expired, stale_dispatched_queues
 from shared.settings import get_settings
 
 logger = logging.getLogger(__name__)
+
+#: Messages waiting in the broker per queue (None: the broker did not say).
+BrokerDepths = Callable[[Sequence[str]], Mapping[str, int | None]]
 
 
 def worker_argv(queues: str, concurrency: int, *, events: bool = False) -> list[str]:
@@ -73,7 +77,13 @@ def worker(queues: str, concurrency: int, events: bool) -> None:
 
 
 def dispatch_pass(
-    engine: Engine, publish: Publish, *, limit: int = 100, lost_after_s: float | None = None
+    engine: Engine,
+    publish: Publish,
+    *,
+    limit: int = 100,
+    lost_after_s: float | None = None,
+    depths: BrokerDepths | None = None,
+    redispatch_after_s: float | None = None,
 ) -> tuple[int, int]:
     """One relay pass and one reconcile pass, each its own transaction: (published, rescued).
 
@@ -82,6 +92,9 @@ def dispatch_pass(
     pass also writes ``lost`` on workers that stopped heartbeating
     (:func:`shared.fleet.mark_lost`; ``lost_after_s`` defaults to the
     settings'), in a third transaction so it can never hold back a rescue.
+    With ``depths`` (the broker's queue depths) it also sends again the runs
+    whose messages the broker lost (:func:`shared.runs.redispatch_lost`, after
+    ``redispatch_after_s``, default the settings').
     """
     settings = get_settings()
     if lost_after_s is None:
@@ -97,11 +110,38 @@ def dispatch_pass(
         )
     with session_scope(engine) as session:
         rescued = len(requeue_expired(session, now=datetime.now(UTC), limit=limit))
+    if depths is not None:
+        stale_s = redispatch_after_s or settings.redispatch_after_s
+        rescued += len(_redispatch_lost(engine, depths, stale_s, limit))
     with session_scope(engine) as session:
         lost = mark_lost(session, now=datetime.now(UTC), lost_after_s=lost_after_s)
     if lost:
         logger.warning("dispatch: workers lost (no heartbeat): %s", ", ".join(lost))
     return published, rescued
+
+
+def _redispatch_lost(
+    engine: Engine, depths: BrokerDepths, stale_after_s: float, limit: int
+) -> list[str]:
+    """Send again the runs whose messages a broker restart lost (see ``redispatch_lost``)."""
+    with session_scope(engine) as session:
+        queues = stale_dispatched_queues(
+            session, now=datetime.now(UTC), stale_after_s=stale_after_s
+        )
+    if not queues:
+        return []
+    known = depths(queues)
+    with session_scope(engine) as session:
+        ids = redispatch_lost(
+            session,
+            now=datetime.now(UTC),
+            stale_after_s=stale_after_s,
+            broker_depths=known,
+            limit=limit,
+        )
+    if ids:
+        logger.warning("dispatch: messages lost by the broker, sent again: %s", ", ".join(ids))
+    return ids
 
 
 @click.command()
@@ -115,10 +155,14 @@ def dispatch_pass(
 @click.option("--once", is_flag=True, help="Run one pass and exit (for cron and tests).")
 def dispatch(interval: float, once: bool) -> None:
     """Publish the outbox and re-queue runs with expired leases, until SIGTERM."""
-    from shared.celery import make_celery
+    from shared.celery import broker_depths, make_celery
 
     settings = get_settings()
     app = make_celery(settings)
+
+    def depths(queues: Sequence[str]) -> Mapping[str, int | None]:
+        return broker_depths(settings, queues)[0]
+
     engine = make_engine(settings.database_url)
     publish = celery_publisher(app)
     stopping = threading.Event()
@@ -132,7 +176,7 @@ def dispatch(interval: float, once: bool) -> None:
         while not stopping.is_set():
             try:
                 published, rescued = dispatch_pass(
-                    engine, publish, lost_after_s=settings.worker_lost_after_s
+                    engine, publish, lost_after_s=settings.worker_lost_after_s, depths=depths
                 )
             except BackendUnavailable:
                 # The database is down: keep the loop alive, it is retried next pass.

@@ -31,11 +31,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, select
@@ -143,12 +145,15 @@ def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settin
                 worker_id=worker_id,
                 attempt=attempt,
             )
+            _stop_on_sigterm(reporter)
         if collectives is None:
             runtime = Runtime(device=choose_device(spec.resources.gpus))
         else:
             runtime = Runtime.distributed(collectives)
         run_experiment(spec, options, reporter, runtime)
     except Stopped as exc:
+        if reporter is not None:
+            reporter.drain(timeout_s=10)  # the epochs before the stop, if the database allows
         reason = (reporter.stop_reason if reporter else None) or "stop requested"
         log.warning("run %s stopped (%s): %s", experiment_id, reason, exc)
         _record(engine, experiment_id, worker_id, "stopped", f"{reason}: {exc}")
@@ -173,8 +178,27 @@ def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settin
             engine, experiment_id, worker_id, "error", f"{type(exc).__name__}: {exc}", code=code
         )
         return EXIT_FAILED
+    if reporter is not None and not reporter.drain():
+        log.error("run %s: trained, but its last records never reached the database", experiment_id)
+        return EXIT_FAILED
     log.info("run %s succeeded", experiment_id)
     return EXIT_SUCCEEDED
+
+
+def _stop_on_sigterm(reporter: ServiceReporter) -> None:
+    """SIGTERM (the supervisor stopping the group, or torchrun passing it on) stops
+    the run at the next batch, after a checkpoint, instead of killing it mid-step.
+
+    Only the flag is set here: the training loop sees it through
+    ``should_stop`` (and under DDP tells every rank at the same step).
+    """
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if reporter.stop_reason is None:
+            reporter.stop_reason = f"{signal.Signals(signum).name}: stopping at the next batch"
+            log.warning("run %s: %s", reporter.experiment_id, reporter.stop_reason)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _record(

@@ -16,8 +16,12 @@ live progress and another worker can resume the run if this one dies:
   every batch.
 
 Each database write is its own short transaction so a long run never holds
-row locks, and transient database/store failures are retried a few times
-before the error reaches the engine (which then stops the run).
+row locks. A database outage (a Postgres restart) does not stop the run: the
+writes wait in memory, in order, and go out as soon as the database answers
+again (at the next write or lease check); only an outage longer than
+``outage_limit_s`` (by default the lease's time to live, after which the run
+is no longer ours anyway) reaches the engine, which then stops the run. Store
+failures are retried a few times before they reach the engine.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ class ServiceReporter:
         clock: a monotonic clock for the poll throttle.
         poll_interval_s: the least time between two real cancel/lease checks.
         sleep: how retries wait (tests pass a no-op).
+        outage_limit_s: how long a database outage is ridden out (default: the lease TTL).
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class ServiceReporter:
         clock: Callable[[], float] = time.monotonic,
         poll_interval_s: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        outage_limit_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -128,20 +134,86 @@ class ServiceReporter:
         self.sleep = sleep
         self.stop_reason: str | None = None
         self._last_poll: float | None = None
+        self.outage_limit_s = lease_ttl_s if outage_limit_s is None else outage_limit_s
+        self._pending: list[tuple[str, Callable[[Session], object]]] = []
+        self._down_since: float | None = None
 
     # ------------------------------------------------------------------ helpers
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
         return with_retries(call, what=f"{what} ({self.experiment_id})", sleep=self.sleep)
 
-    def _write(self, what: str, work: Callable[[Session], T]) -> T:
-        """Run ``work`` in its own short transaction, retried as a whole on an outage."""
+    def _write(self, what: str, work: Callable[[Session], object]) -> None:
+        """Record ``work`` in its own short transaction, now or, after an outage, later.
 
-        def attempt() -> T:
+        Writes are kept in order: while earlier ones wait, this one waits too.
+        """
+        self._pending.append((what, work))
+        self.flush_pending()
+
+    def flush_pending(self) -> bool:
+        """Send the writes an outage held back; True when none is left.
+
+        Raises:
+            BackendUnavailable: the database has been down for over ``outage_limit_s``.
+        """
+        while self._pending:
+            what, work = self._pending[0]
+            try:
+                with session_scope(self.engine) as session:
+                    work(session)
+            except BackendUnavailable as exc:
+                self._outage(what, exc)
+                return False
+            self._pending.pop(0)
+            if self._down_since is not None:
+                log.warning(
+                    "run %s: the database is back after %.1f s",
+                    self.experiment_id,
+                    self.clock() - self._down_since,
+                )
+                self._down_since = None
+        return True
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Before the process ends: wait (up to ``timeout_s``) until every held write is sent."""
+        limit = self.outage_limit_s if timeout_s is None else timeout_s
+        deadline = self.clock() + limit
+        while True:
+            try:
+                if self.flush_pending():
+                    return True
+            except BackendUnavailable:
+                return False
+            if self.clock() >= deadline:
+                return False
+            self.sleep(0.5)
+
+    def _read(self, what: str, work: Callable[[Session], T], default: T) -> T:
+        """A query whose answer can wait: ``default`` while the database is down."""
+        try:
             with session_scope(self.engine) as session:
                 return work(session)
+        except BackendUnavailable as exc:
+            self._outage(what, exc)
+            return default
 
-        return self._retry(attempt, what)
+    def _outage(self, what: str, exc: BackendUnavailable) -> None:
+        now = self.clock()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning(
+                "run %s: database unavailable while %s (%s); training goes on, %d write(s) held",
+                self.experiment_id,
+                what,
+                exc,
+                len(self._pending),
+            )
+        elif now - self._down_since > self.outage_limit_s:
+            raise BackendUnavailable(
+                f"the database has been unavailable for over {self.outage_limit_s:g} s "
+                f"(last: {what})"
+            ) from exc
 
     def _set_progress(self, session: Session, stage: str, epoch: int | None) -> None:
         session.execute(
@@ -228,7 +300,9 @@ class ServiceReporter:
             )
             return bool(cancel), held
 
-        cancel, held = self._write("renewing the lease", work)
+        if self._pending and not self.flush_pending():
+            return False  # still down: keep training, the supervisor keeps the lease's time
+        cancel, held = self._read("renewing the lease", work, (False, True))
         if cancel:
             self.stop_reason = "cancel requested"
         elif not held:
@@ -248,7 +322,7 @@ class ServiceReporter:
             row = session.scalar(self._artifact_query(name))
             return None if row is None else (row.bytes, row.sha256)
 
-        if self._write("reading an artifact row", known) == (size, digest):
+        if self._read("reading an artifact row", known, None) == (size, digest):
             log.debug("run %s: %s unchanged, not uploaded again", self.experiment_id, name)
             return
         key = run_key(self.experiment_id, name)

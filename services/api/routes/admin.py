@@ -11,7 +11,6 @@ A broker that does not answer leaves ``broker_depth`` null and says why in
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated
@@ -23,15 +22,12 @@ from services.api.deps import CallerDep, EngineDep, SettingsDep
 from services.api.errors import Forbidden
 from services.api.schemas import QueueList, QueueRead, WorkerList, WorkerRead
 from shared import fleet
+from shared.celery import broker_depths
 from shared.db.session import session_scope
-from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
-
-#: Seconds to wait for the broker before giving up on depths.
-BROKER_TIMEOUT_S = 2.0
 
 
 async def require_admin(caller: CallerDep) -> Caller:
@@ -42,43 +38,6 @@ async def require_admin(caller: CallerDep) -> Caller:
 
 
 AdminDep = Annotated[Caller, Depends(require_admin)]
-
-
-def broker_depths(
-    settings: Settings, queues: Sequence[str]
-) -> tuple[dict[str, int | None], str | None]:
-    """Messages waiting in the broker per queue, and an error string if the broker is down.
-
-    A passive declare of a queue the broker does not know (Redis drops the
-    list of an empty queue) is a depth of 0, not an error.
-    """
-    from kombu.connection import Connection
-    from kombu.exceptions import ChannelError
-
-    from shared.celery import transport_options
-
-    depths: dict[str, int | None] = dict.fromkeys(queues)
-    try:
-        with Connection(  # type: ignore[no-untyped-call]
-            settings.broker_url,
-            connect_timeout=BROKER_TIMEOUT_S,
-            transport_options=transport_options(settings),
-        ) as conn:
-            conn.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
-            for name in queues:
-                channel = conn.channel()
-                try:
-                    depths[name] = int(
-                        channel.queue_declare(queue=name, passive=True).message_count
-                    )
-                except ChannelError:
-                    depths[name] = 0
-                finally:
-                    channel.close()
-    except Exception as exc:  # kombu raises many transport-specific types
-        logger.warning("admin: broker depths unavailable: %s", exc)
-        return dict.fromkeys(queues), f"broker unavailable: {exc}"
-    return depths, None
 
 
 @router.get("/workers", response_model=WorkerList)
