@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # in the broker, lost its message (a broker restart): the dispatcher sends
     # it again (seconds; see shared.runs.redispatch_lost).
     redispatch_after_s: float = Field(120.0, gt=0)
+    # How long a run rides out an unreachable artifact store (uploads held,
+    # training going on) before it fails saying so (seconds).
+    store_outage_limit_s: float = Field(300.0, gt=0)
     # Overrides the command a worker task supervises (a JSON list, e.g.
     # FITFLEET_WORKER_CHILD_COMMAND='["python", "fake_trainer.py"]'); the
     # experiment id and "--worker-id ID" are appended. Empty means

@@ -85,25 +85,28 @@ def run_job(experiment_id: str, *, worker_id: str, settings: Settings | None = N
     settings = settings or get_settings()
     engine = make_engine(settings.database_url)
     try:
-        code = _run(engine, experiment_id, worker_id=worker_id, settings=settings)
+        code, error = _run(engine, experiment_id, worker_id=worker_id, settings=settings)
     finally:
         engine.dispose()
         shutdown()
-    write_exit_code(code)
+    write_exit_code(code, error)
     return code
 
 
-def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settings) -> int:
+def _run(
+    engine: Engine, experiment_id: str, *, worker_id: str, settings: Settings
+) -> tuple[int, str | None]:
+    """Train; (exit code, what went wrong in a sentence, for the run's ``error``)."""
     try:
         with session_scope(engine) as session:
             row = session.get(SqlExperiment, experiment_id)
             found = None if row is None else (dict(row.spec), row.attempt, row.project_id)
     except FitfleetError:
         log.exception("run %s: cannot read the experiment", experiment_id)
-        return EXIT_FAILED
+        return EXIT_FAILED, "cannot read the experiment from the database"
     if found is None:
         log.error("run %s: no such experiment", experiment_id)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT, f"no experiment {experiment_id!r}"
     document, attempt, project_id = found
     reporter: ServiceReporter | None = None
     collectives: Collectives | None = None
@@ -144,6 +147,8 @@ def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settin
                 run_dir=run_dir,
                 worker_id=worker_id,
                 attempt=attempt,
+                lease_ttl_s=settings.worker_lease_ttl_s,
+                store_outage_limit_s=settings.store_outage_limit_s,
             )
             _stop_on_sigterm(reporter)
         if collectives is None:
@@ -157,32 +162,32 @@ def _run(engine: Engine, experiment_id: str, *, worker_id: str, settings: Settin
         reason = (reporter.stop_reason if reporter else None) or "stop requested"
         log.warning("run %s stopped (%s): %s", experiment_id, reason, exc)
         _record(engine, experiment_id, worker_id, "stopped", f"{reason}: {exc}")
-        return EXIT_STOPPED
+        return EXIT_STOPPED, None
     except (DataError, WeightsMissing, InvalidSpec) as exc:
         log.error("run %s: bad input: %s", experiment_id, exc)
         _record(engine, experiment_id, worker_id, "error", str(exc), code=exc.code)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT, str(exc)
     except TrainingError as exc:
         log.error("run %s failed: %s", experiment_id, exc)
         _record(engine, experiment_id, worker_id, "error", str(exc), code=exc.code)
-        return EXIT_FAILED
+        return EXIT_FAILED, str(exc)
     except Exception as exc:
         if collectives is not None and is_comm_failure(exc):
             log.error(
                 "run %s: lost another rank (%s); the run resumes elsewhere", experiment_id, exc
             )
-            return EXIT_PEER_LOST
+            return EXIT_PEER_LOST, f"lost another rank: {exc}"
         log.exception("run %s failed unexpectedly", experiment_id)
         code = exc.code if isinstance(exc, FitfleetError) else type(exc).__name__
         _record(
             engine, experiment_id, worker_id, "error", f"{type(exc).__name__}: {exc}", code=code
         )
-        return EXIT_FAILED
+        return EXIT_FAILED, f"{type(exc).__name__}: {exc}"
     if reporter is not None and not reporter.drain():
         log.error("run %s: trained, but its last records never reached the database", experiment_id)
-        return EXIT_FAILED
+        return EXIT_FAILED, "trained, but its last records never reached the database"
     log.info("run %s succeeded", experiment_id)
-    return EXIT_SUCCEEDED
+    return EXIT_SUCCEEDED, None
 
 
 def _stop_on_sigterm(reporter: ServiceReporter) -> None:

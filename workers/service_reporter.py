@@ -20,8 +20,11 @@ row locks. A database outage (a Postgres restart) does not stop the run: the
 writes wait in memory, in order, and go out as soon as the database answers
 again (at the next write or lease check); only an outage longer than
 ``outage_limit_s`` (by default the lease's time to live, after which the run
-is no longer ours anyway) reaches the engine, which then stops the run. Store
-failures are retried a few times before they reach the engine.
+is no longer ours anyway) reaches the engine, which then stops the run. An
+artifact store that does not answer is ridden out the same way: uploads wait,
+in order, and training goes on; past ``store_outage_limit_s`` the run fails
+saying so, and everything uploaded before (checkpoints included) stays usable.
+Other store failures are retried a few times before they reach the engine.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from shared.db.session import session_scope
 from shared.errors import BackendUnavailable, StorageError
 from shared.results import EpochRow, LrFindResult
 from shared.runs import renew_lease
-from shared.storage.base import ArtifactStore, sha256_file
+from shared.storage.base import ArtifactStore, StoredObject, StoreUnreachable, sha256_file
 from shared.storage.layout import run_key
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,12 @@ POLL_INTERVAL_S = 2.0
 #: The checkpoint pointer the engine rewrites next to each checkpoint without
 #: announcing it; a resume cannot find its checkpoint without it.
 LATEST_POINTER = "checkpoints/latest.json"
+
+#: How long an unreachable artifact store is ridden out before the run fails.
+STORE_OUTAGE_LIMIT_S = 300.0
+
+#: Least time between two tries of held uploads while the store is down.
+STORE_RETRY_EVERY_S = 2.0
 
 
 def with_retries(
@@ -102,6 +111,7 @@ class ServiceReporter:
         poll_interval_s: the least time between two real cancel/lease checks.
         sleep: how retries wait (tests pass a no-op).
         outage_limit_s: how long a database outage is ridden out (default: the lease TTL).
+        store_outage_limit_s: how long an unreachable artifact store is ridden out.
     """
 
     def __init__(
@@ -119,6 +129,7 @@ class ServiceReporter:
         poll_interval_s: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
         outage_limit_s: float | None = None,
+        store_outage_limit_s: float = STORE_OUTAGE_LIMIT_S,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -137,6 +148,10 @@ class ServiceReporter:
         self.outage_limit_s = lease_ttl_s if outage_limit_s is None else outage_limit_s
         self._pending: list[tuple[str, Callable[[Session], object]]] = []
         self._down_since: float | None = None
+        self.store_outage_limit_s = store_outage_limit_s
+        self._uploads: list[tuple[str, Path]] = []
+        self._store_down_since: float | None = None
+        self._store_tried: float | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -177,13 +192,14 @@ class ServiceReporter:
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Before the process ends: wait (up to ``timeout_s``) until every held write is sent."""
-        limit = self.outage_limit_s if timeout_s is None else timeout_s
+        limit = max(self.outage_limit_s, self.store_outage_limit_s)
+        limit = limit if timeout_s is None else timeout_s
         deadline = self.clock() + limit
         while True:
             try:
-                if self.flush_pending():
+                if self.flush_uploads(force=True) and self.flush_pending():
                     return True
-            except BackendUnavailable:
+            except (BackendUnavailable, StorageError):
                 return False
             if self.clock() >= deadline:
                 return False
@@ -265,14 +281,74 @@ class ServiceReporter:
         )
 
     def on_artifact(self, kind: str, path: Path) -> None:
-        """Upload the file and record it; a checkpoint's pointer follows the checkpoint."""
-        self._upload(kind, Path(path))
+        """Upload the file and record it; a checkpoint's pointer follows the checkpoint.
+
+        While the store is unreachable the upload waits its turn (see the module doc).
+        """
+        self._uploads.append((kind, Path(path)))
         if kind == "checkpoint":
-            pointer = self.run_dir / LATEST_POINTER
-            if pointer.is_file():
-                # After the checkpoint, so the stored pointer never names a file
-                # the store does not have yet.
-                self._upload("checkpoint", pointer)
+            # After the checkpoint, so the stored pointer never names a file the
+            # store does not have yet.
+            self._uploads.append(("checkpoint", self.run_dir / LATEST_POINTER))
+        self.flush_uploads(force=True)
+
+    def flush_uploads(self, *, force: bool = False) -> bool:
+        """Send held uploads in order; True when none is left.
+
+        While the store is down a try is made at most every
+        :data:`STORE_RETRY_EVERY_S` (unless ``force``), so the training loop
+        is not held up by a dead endpoint.
+
+        Raises:
+            StorageError: the store has been unreachable for over ``store_outage_limit_s``.
+        """
+        if not self._uploads:
+            return True
+        tick = self.clock()
+        if (
+            not force
+            and self._store_tried is not None
+            and tick - self._store_tried < STORE_RETRY_EVERY_S
+        ):
+            return False
+        self._store_tried = tick
+        while self._uploads:
+            kind, path = self._uploads[0]
+            if not path.is_file():  # superseded and removed (an old epoch's checkpoint)
+                self._uploads.pop(0)
+                continue
+            try:
+                self._upload(kind, path)
+            except StoreUnreachable as exc:
+                self._store_outage(path, exc)
+                return False
+            self._uploads.pop(0)
+            if self._store_down_since is not None:
+                log.warning(
+                    "run %s: the artifact store is back after %.1f s",
+                    self.experiment_id,
+                    tick - self._store_down_since,
+                )
+                self._store_down_since = None
+        return True
+
+    def _store_outage(self, path: Path, exc: StoreUnreachable) -> None:
+        now = self.clock()
+        if self._store_down_since is None:
+            self._store_down_since = now
+            log.warning(
+                "run %s: artifact store unreachable uploading %s (%s); training goes on, "
+                "%d upload(s) held",
+                self.experiment_id,
+                path.name,
+                exc,
+                len(self._uploads),
+            )
+        elif now - self._store_down_since > self.store_outage_limit_s:
+            raise StorageError(
+                f"the artifact store has been unreachable for over "
+                f"{self.store_outage_limit_s:g} s: {exc}"
+            ) from exc
 
     def should_stop(self) -> bool:
         """True once a cancel was requested or the lease was lost; checked every few seconds.
@@ -300,6 +376,7 @@ class ServiceReporter:
             )
             return bool(cancel), held
 
+        self.flush_uploads()
         if self._pending and not self.flush_pending():
             return False  # still down: keep training, the supervisor keeps the lease's time
         cancel, held = self._read("renewing the lease", work, (False, True))
@@ -326,7 +403,7 @@ class ServiceReporter:
             log.debug("run %s: %s unchanged, not uploaded again", self.experiment_id, name)
             return
         key = run_key(self.experiment_id, name)
-        stored = self._retry(lambda: self.store.put_file(key, path), f"uploading {name}")
+        stored = self._put(key, path, name)
 
         def record(session: Session) -> None:
             row = session.scalar(self._artifact_query(name))
@@ -340,6 +417,19 @@ class ServiceReporter:
             row.created_at = self.now()
 
         self._write("recording an artifact", record)
+
+    def _put(self, key: str, path: Path, name: str) -> StoredObject:
+        """Upload once; a store that does not answer is the caller's to hold (no waits here).
+
+        Other store failures (a throttled request, a flaky gateway) are retried
+        a few times first, as before.
+        """
+        try:
+            return self.store.put_file(key, path)
+        except StoreUnreachable:
+            raise
+        except StorageError:
+            return self._retry(lambda: self.store.put_file(key, path), f"uploading {name}")
 
     def _artifact_query(self, name: str) -> Select[SqlArtifact]:
         return select(SqlArtifact).where(

@@ -145,14 +145,18 @@ def _poll_db(
     return ours, bool(cancel)
 
 
-def _rank0_code(exit_file: Path | None, code: int) -> int:
-    """Rank 0's exit code from ``exit_file`` when it wrote one, else the launcher's ``code``."""
+def _rank0_code(exit_file: Path | None, code: int) -> tuple[int, str | None]:
+    """Rank 0's exit code (and its reason) from ``exit_file`` when it wrote one.
+
+    Otherwise the launcher's own ``code`` and no reason.
+    """
     if exit_file is None:
-        return code
+        return code, None
     try:
-        return int(exit_file.read_text().strip())
+        first, _, rest = exit_file.read_text().partition("\n")
+        return int(first.strip()), (rest.strip() or None)
     except (OSError, ValueError):
-        return code
+        return code, None
 
 
 def _describe_exit(code: int) -> str:
@@ -237,7 +241,7 @@ def supervise(
     finally:
         # Also on errors (a KeyboardInterrupt, a bug): never leave the group behind.
         code = _reap(proc)
-    code = _rank0_code(exit_file, code)
+    code, reason = _rank0_code(exit_file, code)
     return _outcome(
         stop,
         code,
@@ -247,6 +251,7 @@ def supervise(
         experiment_id=experiment_id,
         worker_id=worker_id,
         lease_ttl_s=lease_ttl_s,
+        reason=reason,
     )
 
 
@@ -260,8 +265,13 @@ def _outcome(
     experiment_id: str,
     worker_id: str,
     lease_ttl_s: float,
+    reason: str | None = None,
 ) -> Outcome:
-    """Map why the child ended to the run's terminal state (see :func:`supervise`)."""
+    """Map why the child ended to the run's terminal state (see :func:`supervise`).
+
+    ``reason`` is the trainer's own account of a failure (from the exit file):
+    it becomes the run's error instead of a bare exit code.
+    """
     if stop is _Stop.TIMEOUT:
         return Outcome(
             ExperimentState.FAILED,
@@ -277,7 +287,7 @@ def _outcome(
     if code == EXIT_SUCCEEDED:
         return Outcome(ExperimentState.SUCCEEDED, None, code, pid)
     if code == EXIT_BAD_INPUT:
-        return Outcome(ExperimentState.FAILED, "bad input (exit code 2)", code, pid)
+        return Outcome(ExperimentState.FAILED, reason or "bad input (exit code 2)", code, pid)
     if code == EXIT_STOPPED:
         # The child stopped itself: it saw the cancel or lost the lease before we did.
         ours, cancel = _poll_db(
@@ -290,4 +300,6 @@ def _outcome(
         return Outcome(
             ExperimentState.FAILED, "training stopped (exit code 130) without a cancel", code, pid
         )
-    return Outcome(ExperimentState.FAILED, f"training failed ({_describe_exit(code)})", code, pid)
+    return Outcome(
+        ExperimentState.FAILED, reason or f"training failed ({_describe_exit(code)})", code, pid
+    )

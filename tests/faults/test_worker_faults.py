@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -46,18 +45,11 @@ from tests.faults.harness import (
     wait_for,
 )
 from tests.integration.celery_worker import celery_worker, redis_or_fail, unique_queue
-from tests.integration.pg import temporary_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REDIS_URL = os.environ.get("FITFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 LEASE_TTL_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def database_url() -> Iterator[str]:
-    with temporary_database("faults") as url:
-        yield url
 
 
 class Fleet:
@@ -114,7 +106,7 @@ class Fleet:
                     "batch_size": 32,
                     "augment": "none",
                 },
-                "model": {"arch": "resnet18", "pretrained": "none"},
+                "model": {"arch": "resnet18", "pretrained": resources.pop("pretrained", "none")},
                 "stages": [
                     {"name": "head", "train": "head", "epochs": resources.pop("head", 2),
                      "max_lr": 1e-2},
@@ -180,15 +172,6 @@ class Fleet:
             ExperimentState.FAILED,
             ExperimentState.CANCELLED,
         )
-
-
-@pytest.fixture
-def fleet(database_url: str, tmp_path: Path, digits_root: Path) -> Iterator[Fleet]:
-    fleet = Fleet(database_url, tmp_path, digits_root)
-    try:
-        yield fleet
-    finally:
-        fleet.engine.dispose()
 
 
 def _trainers(pid: int) -> list[int]:

@@ -81,16 +81,18 @@ def torchrun_command(
     return [*command, "-m", *module_args]
 
 
-def write_exit_code(code: int) -> None:
+def write_exit_code(code: int, error: str | None = None) -> None:
     """Local rank 0 leaves ``code`` in ``$FITFLEET_EXIT_FILE``, for whoever started torchrun.
 
     One file per node: on a multi-node run each node's supervisor learns how
     its own ranks ended (all ranks agree on a training outcome; a lost peer
-    shows as ``75`` on the nodes that survived).
+    shows as ``75`` on the nodes that survived). ``error``, one line saying what
+    went wrong, follows the code on the next line and becomes the run's error.
     """
     path = os.environ.get(EXIT_FILE_ENV)
     if path and world_from_env()[1] == 0:
         try:
-            Path(path).write_text(str(code))
+            reason = " ".join((error or "").split())[:1000]
+            Path(path).write_text(f"{code}\n{reason}" if reason else str(code))
         except OSError:
             log.exception("could not write the exit code to %s", path)
