@@ -122,6 +122,8 @@ def bench_api(total: int, clients: int, workdir: Path, workers: int) -> tuple[fl
             "FITFLEET_DATA_ROOTS": str(workdir / "data"),
             # Production's broker: the API publishes each new run to Redis.
             "FITFLEET_BROKER_URL": "redis://127.0.0.1:6379/13",
+            # Raw capacity: one token submits everything, so no per-token limit.
+            "FITFLEET_SUBMIT_RATE_PER_S": "0",
         }
         server = subprocess.Popen(
             [

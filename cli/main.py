@@ -274,20 +274,32 @@ def token_create(project: str | None, admin: bool, name: str) -> None:
     engine = make_engine(get_settings().database_url)
     try:
         with session_scope(engine) as session:
-            token_id, secret = create_token(session, project, admin, name=name)
+            token_id, secret = create_token(session, project, admin, name=name, actor=_cli_actor())
     finally:
         engine.dispose()
     click.echo(f"token {token_id} for {'every project (admin)' if admin else project}")
     click.echo(secret)
 
 
+def _cli_actor() -> str:
+    """Who ran this command, for audit events: ``cli:<user>@<host>``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
 @token.command("revoke")
 @click.argument("token_id")
 def token_revoke(token_id: str) -> None:
-    """Revoke a token by its id: it stops working at once."""
+    """Revoke a token by its id: it stops working within FITFLEET_AUTH_CACHE_S (5 s)."""
     from datetime import UTC, datetime
 
-    from shared.db.models import SqlApiToken
+    from shared.db.models import SqlApiToken, SqlEvent
     from shared.db.session import make_engine, session_scope
 
     engine = make_engine(get_settings().database_url)
@@ -299,6 +311,15 @@ def token_revoke(token_id: str) -> None:
                 sys.exit(EXIT_BAD_INPUT)
             if row.revoked_at is None:
                 row.revoked_at = datetime.now(UTC)
+                session.add(
+                    SqlEvent(
+                        kind="token.revoked",
+                        message=f"token {token_id} revoked",
+                        data={"token": token_id, "project": row.project_id},
+                        actor=_cli_actor(),
+                        created_at=datetime.now(UTC),
+                    )
+                )
     finally:
         engine.dispose()
     click.echo(f"token {token_id} revoked")

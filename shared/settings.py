@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # How long the API trusts a token it has checked (seconds): a revoked token
     # stops working within this. 0 checks the database on every request.
     auth_cache_s: float = Field(5.0, ge=0)
+    # Submissions per second each API token may make (per API process), and
+    # the burst it may spend at once; 0 turns the limit off. Over it: 429.
+    submit_rate_per_s: float = Field(20.0, ge=0)
+    submit_burst: int = Field(200, ge=1)
     # How long the nodes of a multi-node run wait for each other at torchrun's
     # rendezvous before the run goes back to the queue (seconds).
     gang_join_timeout_s: float = Field(120.0, gt=0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,39 @@ def _readable_location(raw: tuple[int | str, ...]) -> list[str]:
 
 
 def validate_spec(document: dict[str, Any]) -> ExperimentSpec:
-    """Validate a mapping as an ExperimentSpec, or raise InvalidSpec with every problem."""
+    """Validate a mapping as an ExperimentSpec, or raise InvalidSpec with every problem.
+
+    Text with control characters (a NUL above all, which Postgres cannot store
+    and no file name or label needs) is refused first, naming the field.
+    """
+    control = list(_control_characters(document, ""))
+    if control:
+        raise InvalidSpec(
+            [FieldProblem(path or "body", "contains a control character") for path in control]
+        )
     try:
         return ExperimentSpec.model_validate(document)
     except ValidationError as exc:
         raise InvalidSpec(problems_from_validation(exc)) from exc
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _control_characters(value: Any, path: str) -> Iterator[str]:
+    """Dotted paths (``stages.0.name``) of strings, keys included, with control characters."""
+    if isinstance(value, str):
+        if _CONTROL.search(value):
+            yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _CONTROL.search(key):
+                yield child
+            yield from _control_characters(item, child)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _control_characters(item, f"{path}.{index}" if path else str(index))
 
 
 def load_spec_text(text: str, *, source: str = "spec") -> ExperimentSpec:

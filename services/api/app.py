@@ -16,6 +16,7 @@ from services.api.auth import TokenCache
 from services.api.deps import AppContext
 from services.api.errors import MAX_BODY_BYTES, BodySizeLimit, install_error_handlers
 from services.api.publisher import SubmitPublisher
+from services.api.ratelimit import SubmitLimiter
 from services.api.routes import admin, experiments, health, spec
 from shared.db.session import make_engine
 from shared.settings import Settings, get_settings
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store=store,
         publisher=publisher,
         tokens=TokenCache(settings.auth_cache_s),
+        limiter=SubmitLimiter(settings.submit_rate_per_s, settings.submit_burst),
     )
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     install_error_handlers(app)

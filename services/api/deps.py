@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.api.auth import Caller, TokenCache, authenticate
 from services.api.publisher import SubmitPublisher
+from services.api.ratelimit import SubmitLimiter
 from shared.settings import Settings
 from shared.storage.base import ArtifactStore
 
@@ -30,6 +31,7 @@ class AppContext:
     store: ArtifactStore
     publisher: SubmitPublisher | None = None  # sends new runs to their queues at once
     tokens: TokenCache = field(default_factory=lambda: TokenCache(0.0))
+    limiter: SubmitLimiter = field(default_factory=lambda: SubmitLimiter(0.0, 1))
 
 
 async def get_context(request: Request) -> AppContext:

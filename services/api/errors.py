@@ -65,6 +65,7 @@ STATUS_BY_CODE: dict[str, int] = {
     Forbidden.code: 403,
     PayloadTooLarge.code: 413,
     UnsupportedMediaType.code: 415,
+    "rate_limited": 429,
     "config_error": 500,
     "storage_error": 500,
     # Training errors describe a run's data or weights; if one reaches the API it
@@ -93,6 +94,12 @@ def error_response(error: FitfleetError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status == 429:
+        from services.api.ratelimit import RateLimited, retry_after_header
+
+        headers["Retry-After"] = (
+            retry_after_header(error) if isinstance(error, RateLimited) else str(RETRY_AFTER_S)
+        )
     if status >= 500:
         logger.warning("request failed with %s: %s", error.code, error)
     return JSONResponse(body, status_code=status, headers=headers)

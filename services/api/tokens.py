@@ -6,7 +6,8 @@ import secrets
 
 from sqlalchemy.orm import Session
 
-from shared.db.models import SqlApiToken, SqlProject, hash_token, new_id
+from shared.db.base import utcnow
+from shared.db.models import SqlApiToken, SqlEvent, SqlProject, hash_token, new_id
 
 #: Every secret starts with this, so leaked tokens are easy to grep for.
 SECRET_PREFIX = "ff_"
@@ -16,12 +17,18 @@ SHOWN_PREFIX_CHARS = 11
 
 
 def create_token(
-    session: Session, project: str | None, admin: bool = False, *, name: str = ""
+    session: Session,
+    project: str | None,
+    admin: bool = False,
+    *,
+    name: str = "",
+    actor: str = "system",
 ) -> tuple[str, str]:
     """Create a token for ``project`` (created if missing); return ``(token_id, secret)``.
 
     The secret is returned only here; the database keeps its sha256. A token
-    without a project must be an admin token (it spans every project).
+    without a project must be an admin token (it spans every project). A
+    ``token.created`` audit event names ``actor``.
 
     Raises:
         ValueError: a non-admin token without a project.
@@ -42,4 +49,15 @@ def create_token(
     )
     session.add(token)
     session.flush()
+    session.add(
+        SqlEvent(
+            kind="token.created",
+            message=f"token {token.id} created for "
+            + (f"project {project!r}" if project else "every project")
+            + (" (admin)" if admin else ""),
+            data={"token": token.id, "project": project, "admin": admin},
+            actor=actor,
+            created_at=utcnow(),
+        )
+    )
     return token.id, secret

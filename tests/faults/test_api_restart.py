@@ -93,6 +93,7 @@ def test_killing_the_api_mid_traffic_loses_and_doubles_nothing(
         "FITFLEET_DATABASE_URL": database_url,
         "FITFLEET_DATA_ROOTS": str(tmp_path / "data"),
         "FITFLEET_PUBLISH_ON_SUBMIT": "false",  # the outbox rows are what is checked here
+        "FITFLEET_SUBMIT_RATE_PER_S": "0",  # one token sends everything, retries included
     }
     port = _free_port()
     log = tmp_path / "api.log"

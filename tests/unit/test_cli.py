@@ -165,3 +165,17 @@ def test_token_create_then_use_then_revoke(
         assert runner.invoke(main, ["token", "revoke", token_id]).exit_code == 0
         assert client.get("/v1/experiments", headers=headers).status_code == 401
     assert runner.invoke(main, ["token", "revoke", "tok_nope"]).exit_code == 2
+    # Every token change leaves an audit event naming who made it.
+    from sqlalchemy import select
+
+    from shared.db.models import SqlEvent
+    from shared.db.session import make_engine, session_scope
+
+    engine = make_engine(url)
+    with session_scope(engine) as session:
+        audit = [
+            (e.kind, e.data.get("token"), (e.actor or "").startswith("cli:"))
+            for e in session.scalars(select(SqlEvent).order_by(SqlEvent.id))
+        ]
+    engine.dispose()
+    assert audit == [("token.created", token_id, True), ("token.revoked", token_id, True)]

@@ -243,3 +243,24 @@ def test_schema_uses_the_public_key_names() -> None:
     regex = schema["$defs"]["RegexLabels"]
     assert "from" in regex["properties"] and "from_" not in regex["properties"]
     assert isinstance(RegexLabels.model_validate({"from": "regex", "pattern": "(x)"}), RegexLabels)
+
+
+def test_control_characters_are_refused_naming_the_field() -> None:
+    from shared.errors import InvalidSpec
+    from shared.spec_io import validate_spec
+
+    document = {
+        "version": 1,
+        "name": "nul\x00name",
+        "data": {"source": "digits"},
+        "tags": ["fine", "bell\x07"],
+        "stages": [{"name": "s", "epochs": 1}],
+    }
+    with pytest.raises(InvalidSpec) as caught:
+        validate_spec(document)
+    paths = [problem.path for problem in caught.value.problems]
+    assert paths == ["name", "tags.1"]
+    assert all("control character" in p.message for p in caught.value.problems)
+    document["name"] = "tabs\tand\nnewlines are fine"
+    document["tags"] = ["fine"]
+    assert validate_spec(document).name.startswith("tabs")

@@ -93,8 +93,10 @@ async def submit_experiment(
     """Queue a run from a spec (JSON, or YAML with a YAML Content-Type).
 
     A 422 lists every field problem; nothing is queued then. Without a
-    ``project`` the spec goes into the token's project.
+    ``project`` the spec goes into the token's project. A token submitting
+    faster than ``FITFLEET_SUBMIT_RATE_PER_S`` gets 429 with Retry-After.
     """
+    context.limiter.take(caller.token_id)
     document = _document(await request.body(), request.headers.get("content-type", ""))
     if "project" not in document and caller.project is not None:
         document["project"] = caller.project
