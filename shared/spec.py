@@ -123,6 +123,41 @@ class TableLabels(_Model):
         return self
 
 
+def _nested_repeat(pattern: str) -> bool:
+    """Whether ``pattern`` has an unbounded repeat inside another: the catastrophic kind.
+
+    Python's ``re`` backtracks and cannot be interrupted, so a pattern such as
+    ``(a+)+$`` could hold a worker for hours on one file name. Refusing nested
+    unbounded quantifiers at submission removes the classic cases (star height
+    above one), before any worker sees the pattern.
+    """
+    from re import _constants as constants  # type: ignore[attr-defined]
+    from re import _parser as parser  # type: ignore[attr-defined]
+
+    repeats = {constants.MAX_REPEAT, constants.MIN_REPEAT}
+    repeats |= {getattr(constants, "POSSESSIVE_REPEAT", constants.MAX_REPEAT)}
+
+    def walk(items: Any, inside: bool) -> bool:
+        for op, arg in items:
+            if op in repeats:
+                _low, high, sub = arg
+                unbounded = high == constants.MAXREPEAT or high > 1
+                found = (unbounded and inside) or walk(sub, inside or unbounded)
+            elif op == constants.SUBPATTERN:
+                found = walk(arg[-1], inside)
+            elif op == constants.BRANCH:
+                found = any(walk(branch, inside) for branch in arg[1])
+            elif op in (constants.ASSERT, constants.ASSERT_NOT):
+                found = walk(arg[1], inside)
+            else:
+                found = False
+            if found:
+                return True
+        return False
+
+    return walk(parser.parse(pattern), False)
+
+
 class RegexLabels(_Model):
     """Label = first group of ``pattern`` searched in the POSIX path relative to the source."""
 
@@ -138,6 +173,11 @@ class RegexLabels(_Model):
             raise ValueError(f"pattern is not a valid regular expression: {exc}") from exc
         if compiled.groups < 1:
             raise ValueError("pattern needs a capturing group: its first group is the label")
+        if _nested_repeat(value):
+            raise ValueError(
+                "pattern repeats a repetition, like (a+)+: matching it can take exponential "
+                "time on some file names; write it with a single quantifier"
+            )
         return value
 
 

@@ -109,7 +109,7 @@ class Fleet:
                 "model": {"arch": "resnet18", "pretrained": resources.pop("pretrained", "none")},
                 "stages": [
                     {"name": "head", "train": "head", "epochs": resources.pop("head", 2),
-                     "max_lr": 1e-2},
+                     "max_lr": resources.pop("head_lr", 1e-2)},
                     {"name": "all", "train": "all", "epochs": resources.pop("all", 2),
                      "max_lr": [1e-4, 1e-3]},
                 ],
@@ -297,3 +297,20 @@ def test_max_restarts_fails_a_run_that_keeps_losing_its_worker(fleet: Fleet) -> 
     assert row.state == ExperimentState.FAILED
     assert row.error == "lost its worker 1 times (max_restarts 0)"
     assert row.attempt == 1
+
+
+def test_a_diverging_run_stops_at_once_with_a_finding_about_the_lr(fleet: Fleet) -> None:
+    with ExitStack() as stack:
+        stack.enter_context(Dispatcher(fleet.engine, fleet.settings))
+        stack.enter_context(fleet.worker("nan"))
+        run_id = fleet.submit("lr-far-too-high", head=5, all=5, head_lr=1e9)
+        wait_for(lambda: fleet.finished(run_id), timeout=300, what="the run to end")
+    row = run_row(fleet.engine, run_id)
+    assert row.state == ExperimentState.FAILED
+    assert row.error is not None and "learning rate is too high" in row.error, row.error
+    assert len(fleet.epochs(run_id)) < 10  # it did not burn the remaining epochs
+    import json
+
+    report = json.loads(open_store(fleet.artifacts).get_bytes(f"runs/{run_id}/report.json"))
+    diverged = [f for f in report["findings"] if f["code"] == "diverged"]
+    assert diverged and "learning rate" in diverged[0]["advice"].lower()

@@ -264,3 +264,34 @@ def test_control_characters_are_refused_naming_the_field() -> None:
     document["name"] = "tabs\tand\nnewlines are fine"
     document["tags"] = ["fine"]
     assert validate_spec(document).name.startswith("tabs")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "refused"),
+    [
+        (r"(a+)+$", True),
+        (r"(\w+\s?)*$", True),
+        (r"(.*)*x", True),
+        (r"/([^/]+)_\d+\.jpg$", False),
+        (r"(?:cat|dog)_(\d+)", False),
+        (r"([^/]+)/\d+\.png", False),
+    ],
+)
+def test_catastrophic_label_regexes_are_refused(pattern: str, refused: bool) -> None:
+    from shared.errors import InvalidSpec
+    from shared.spec_io import validate_spec
+
+    document = {
+        "version": 1,
+        "name": "regex",
+        "data": {"source": "pets", "labels": {"from": "regex", "pattern": pattern}},
+        "stages": [{"name": "s", "epochs": 1}],
+    }
+    if not refused:
+        assert validate_spec(document).data.labels.pattern == pattern  # type: ignore[union-attr]
+        return
+    with pytest.raises(InvalidSpec) as caught:
+        validate_spec(document)
+    (problem,) = caught.value.problems
+    assert problem.path == "data.labels.pattern"
+    assert "exponential" in problem.message

@@ -23,8 +23,10 @@ Deliberate choices (fastai differs or is silent):
 
 from __future__ import annotations
 
+import json
 import logging
-import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -250,17 +252,63 @@ def _from_folders(listed: list[tuple[str, Path]]) -> list[_Raw]:
     return raws
 
 
+#: How long the label regex may take over all of a dataset's paths (seconds).
+REGEX_TIME_LIMIT_S = 30.0
+
+_SEARCH_SCRIPT = """
+import json, re, sys
+job = json.load(sys.stdin)
+pattern = re.compile(job["pattern"])
+found = []
+for rel in job["paths"]:
+    match = pattern.search(rel)
+    found.append(None if match is None else match.group(1))
+json.dump(found, sys.stdout)
+"""
+
+
+def search_all(pattern: str, paths: list[str], *, time_limit_s: float) -> list[str | None]:
+    """Group 1 of ``pattern`` searched in each path (None: no match), within a time limit.
+
+    Python's ``re`` backtracks and cannot be interrupted, and a pattern from a
+    request may be catastrophic on some names (``(a|a)*b``); the submission
+    check refuses nested quantifiers, this bounds everything else: the search
+    runs in a child process that is killed after ``time_limit_s``.
+
+    Raises:
+        DataError: naming ``data.labels.pattern``, when the limit passes.
+    """
+    job = json.dumps({"pattern": pattern, "paths": paths})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _SEARCH_SCRIPT],
+            input=job,
+            capture_output=True,
+            text=True,
+            timeout=time_limit_s,
+            check=True,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise DataError(
+            f"data.labels.pattern: {pattern!r} took over {time_limit_s:g} s on "
+            f"{len(paths)} file names (catastrophic backtracking?): simplify it"
+        ) from exc
+    except subprocess.CalledProcessError as exc:
+        raise DataError(f"data.labels.pattern: {pattern!r} failed: {exc.stderr.strip()}") from exc
+    found: list[str | None] = json.loads(done.stdout)
+    return found
+
+
 def _from_regex(labels: RegexLabels, listed: list[tuple[str, Path]], source: Path) -> _Collected:
     """fastai ``label_from_re``: ``re.search`` on the relative POSIX path, group 1."""
-    pattern = re.compile(labels.pattern)
+    found = search_all(labels.pattern, [rel for rel, _ in listed], time_limit_s=REGEX_TIME_LIMIT_S)
     raws: list[_Raw] = []
     skipped: list[SkippedFile] = []
-    for rel, path in listed:
-        match = pattern.search(rel)
-        if match is None:
+    for (rel, path), label in zip(listed, found, strict=True):
+        if label is None:
             skipped.append(SkippedFile(path=rel, reason="does not match data.labels.pattern"))
         else:
-            raws.append(_Raw(rel, path, match.group(1)))
+            raws.append(_Raw(rel, path, label))
     if not raws:
         examples = ", ".join(repr(rel) for rel, _ in listed[:3])
         raise DataError(

@@ -546,3 +546,22 @@ def test_deterministic(tmp_path: Path) -> None:
     assert first == second
     other = build_items(spec(split={"valid_pct": 0.3, "seed": 6}), tmp_path)
     assert rels(other.valid) != rels(first.valid)
+
+
+def test_a_catastrophic_label_regex_is_stopped_by_its_time_limit() -> None:
+    import time
+
+    from shared.errors import DataError
+    from workers.training.items import search_all
+
+    assert search_all(r"/(\w+)_\d+", ["x/cat_1.png", "dog.png"], time_limit_s=10) == [
+        "cat",
+        None,
+    ]
+    began = time.monotonic()
+    with pytest.raises(DataError) as caught:
+        # Overlapping alternatives: exponential backtracking on a long run of "a".
+        search_all(r"(a|a)*b", ["a" * 40 + ".png"], time_limit_s=1.0)
+    assert time.monotonic() - began < 10
+    assert "data.labels.pattern" in str(caught.value)
+    assert "took over 1 s" in str(caught.value)
