@@ -24,6 +24,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from celery import shared_task
@@ -97,6 +98,39 @@ def timeout_seconds(spec: dict[str, Any]) -> float:
         return DEFAULT_TIMEOUT_S
 
 
+def _supervise(
+    settings: Settings,
+    engine: Engine,
+    command: list[str],
+    *,
+    experiment_id: str,
+    lease_owner: str,
+    spec: dict[str, Any],
+    exit_file: Path,
+) -> Outcome:
+    """Supervise ``command`` under the run's lease, with a fresh exit file for rank 0's code.
+
+    A command that cannot even start (a broken install, not the run) fails the run.
+    """
+    exit_file.parent.mkdir(parents=True, exist_ok=True)
+    exit_file.unlink(missing_ok=True)
+    try:
+        return supervise(
+            command,
+            experiment_id=experiment_id,
+            worker_id=lease_owner,
+            engine=engine,
+            timeout_s=timeout_seconds(spec),
+            lease_ttl_s=settings.worker_lease_ttl_s,
+            poll_s=settings.worker_poll_s,
+            grace_s=settings.worker_grace_s,
+            env={**os.environ, EXIT_FILE_ENV: str(exit_file)},
+            exit_file=exit_file,
+        )
+    except OSError as exc:
+        return Outcome(ExperimentState.FAILED, f"could not start the trainer: {exc}", -1, 0)
+
+
 def train_run(experiment_id: str) -> None:
     """Train run ``experiment_id`` if this worker wins its lease; see the module docstring."""
     settings = get_settings()
@@ -131,23 +165,15 @@ def _supervise_and_release(
     ``finally``) however this ends.
     """
     exit_file = settings.home / "work" / f".{experiment_id}.exit"
-    exit_file.parent.mkdir(parents=True, exist_ok=True)
-    exit_file.unlink(missing_ok=True)
-    try:
-        outcome = supervise(
-            child_command(settings, experiment_id, worker, spec),
-            experiment_id=experiment_id,
-            worker_id=worker,
-            engine=engine,
-            timeout_s=timeout_seconds(spec),
-            lease_ttl_s=settings.worker_lease_ttl_s,
-            poll_s=settings.worker_poll_s,
-            grace_s=settings.worker_grace_s,
-            env={**os.environ, EXIT_FILE_ENV: str(exit_file)},
-            exit_file=exit_file,
-        )
-    except OSError as exc:  # the trainer could not even start: a broken install, not the run
-        outcome = Outcome(ExperimentState.FAILED, f"could not start the trainer: {exc}", -1, 0)
+    outcome = _supervise(
+        settings,
+        engine,
+        child_command(settings, experiment_id, worker, spec),
+        experiment_id=experiment_id,
+        lease_owner=worker,
+        spec=spec,
+        exit_file=exit_file,
+    )
     if outcome.lease_lost:
         logger.warning("run %s: lease lost; another worker owns it now", experiment_id)
         return
@@ -245,8 +271,6 @@ def _supervise_node(
     join_timeout_s: float,
 ) -> None:
     exit_file = settings.home / "work" / f".{experiment_id}.node{node_rank}.exit"
-    exit_file.parent.mkdir(parents=True, exist_ok=True)
-    exit_file.unlink(missing_ok=True)
     command = torchrun_command(
         max(1, gpus),
         ["workers.run_job", experiment_id, "--worker-id", gang_id],
@@ -256,21 +280,15 @@ def _supervise_node(
         join_timeout_s=join_timeout_s,
         is_host=node_rank == 0,
     )
-    try:
-        outcome = supervise(
-            command,
-            experiment_id=experiment_id,
-            worker_id=gang_id,
-            engine=engine,
-            timeout_s=timeout_seconds(spec),
-            lease_ttl_s=settings.worker_lease_ttl_s,
-            poll_s=settings.worker_poll_s,
-            grace_s=settings.worker_grace_s,
-            env={**os.environ, EXIT_FILE_ENV: str(exit_file)},
-            exit_file=exit_file,
-        )
-    except OSError as exc:
-        outcome = Outcome(ExperimentState.FAILED, f"could not start torchrun: {exc}", -1, 0)
+    outcome = _supervise(
+        settings,
+        engine,
+        command,
+        experiment_id=experiment_id,
+        lease_owner=gang_id,
+        spec=spec,
+        exit_file=exit_file,
+    )
     if outcome.lease_lost:
         logger.warning("run %s: gang %s lost its lease", experiment_id, gang_id)
         return

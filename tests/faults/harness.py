@@ -72,11 +72,13 @@ class Dispatcher:
         *,
         interval_s: float = 0.3,
         redispatch_after_s: float | None = None,
+        lost_after_s: float = 60.0,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.interval_s = interval_s
         self.redispatch_after_s = redispatch_after_s
+        self.lost_after_s = lost_after_s
         self.app = make_celery(settings)
         self.publish = celery_publisher(self.app)
         self.stop = threading.Event()
@@ -92,7 +94,7 @@ class Dispatcher:
                 dispatch_pass(
                     self.engine,
                     self.publish,
-                    lost_after_s=60,
+                    lost_after_s=self.lost_after_s,
                     depths=self._depths,
                     redispatch_after_s=self.redispatch_after_s,
                 )

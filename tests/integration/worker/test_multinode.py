@@ -16,11 +16,8 @@ the artifact store.
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, suppress
+from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,6 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from shared.celery import make_celery
 from shared.db.models import (
     ExperimentState,
     SqlEpochMetric,
@@ -38,59 +34,20 @@ from shared.db.models import (
     SqlProject,
 )
 from shared.db.session import make_engine, session_scope
-from shared.dispatch import celery_publisher
 from shared.runs import train_message
 from shared.settings import Settings
 from shared.spec import ExperimentSpec
 from shared.spec_io import dump_spec
 from shared.storage.registry import open_store
+from tests.faults.harness import Dispatcher, kill_tree, wait_for
 from tests.integration.celery_worker import celery_worker, redis_or_fail, unique_queue
 from tests.integration.pg import temporary_database
-from workers.cli import dispatch_pass
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed, pytest.mark.slow]
 
 REDIS_URL = os.environ.get("FITFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 HEARTBEAT_S = 0.5
 EPOCHS = (2, 2)  # head, all
-
-
-def wait_for(check: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (across sessions: torchrun starts its own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def kill_node(pid: int) -> None:
-    """A node dies: the worker and everything it started, at once."""
-    for target in [pid, *descendants(pid)]:
-        with suppress(ProcessLookupError):
-            os.kill(target, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -140,31 +97,6 @@ def _submit(engine: Any, queue: str, data_root: Path, name: str) -> str:
         session.flush()
         session.add(train_message(run))
         return run.id
-
-
-class Dispatcher:
-    """``fitfleet dispatch`` in a thread: relay (gang placement) and reconcile."""
-
-    def __init__(self, engine: Any, settings: Settings) -> None:
-        self.app = make_celery(settings)
-        self.publish = celery_publisher(self.app)
-        self.engine = engine
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            dispatch_pass(self.engine, self.publish, lost_after_s=3 * HEARTBEAT_S)
-            self.stop.wait(0.3)
-
-    def __enter__(self) -> Dispatcher:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.app.close()
 
 
 def _state(engine: Any, run_id: str) -> SqlExperiment:
@@ -225,7 +157,7 @@ def test_two_workers_train_one_run_then_survive_a_lost_node(
             node_b = stack.enter_context(
                 celery_worker(env("b"), queue=queue, log=tmp_path / "b.log")
             )
-            stack.enter_context(Dispatcher(engine, settings))
+            stack.enter_context(Dispatcher(engine, settings, lost_after_s=3 * HEARTBEAT_S))
 
             # 1. One run on two nodes, world size 2.
             first = _submit(engine, queue, digits_root, "two-nodes")
@@ -262,7 +194,7 @@ def test_two_workers_train_one_run_then_survive_a_lost_node(
                 timeout=300,
                 what="the first epoch of the second run",
             )
-            kill_node(node_b.pid)
+            kill_tree(node_b.pid)
             stack.enter_context(celery_worker(env("c"), queue=queue, log=tmp_path / "c.log"))
             wait_for(
                 lambda: (
