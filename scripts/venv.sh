@@ -21,10 +21,14 @@ PY
 key=$( (echo "$deps"; "$python" --version; cat "$here/scripts/venv.sh") | sha256sum | cut -c1-16)
 root=${FITFLEET_VENV_ROOT:-$HOME/.cache/fitfleet}
 venv="$root/venv-$key"
+mkdir -p "$root"
+# One builder at a time: a second caller waits here instead of deleting a venv
+# that is half-built (its `rm -rf` would pull files from under the first).
+exec 9>"$venv.lock"
+flock 9
 if [ ! -f "$venv/.complete" ]; then
   echo "building $venv (first time: a few minutes)" >&2
   rm -rf "$venv"
-  mkdir -p "$root"
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
   echo "$deps" | tr '\n' '\0' | xargs -0 "$venv/bin/python" -m pip install --quiet >&2

@@ -10,6 +10,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: Metrics where larger is better; every other series (losses, error_rate) is minimised.
+#: One list for the engine's findings, the API's "best" values and the leaderboards.
+HIGHER_IS_BETTER = frozenset({"accuracy", "accuracy_thresh", "fbeta"})
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger ``metric`` is better (accuracy) or worse (a loss, an error rate)."""
+    return metric in HIGHER_IS_BETTER
+
 
 class _Result(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -17,7 +17,7 @@ from services.api.deps import AppContext
 from services.api.errors import MAX_BODY_BYTES, BodySizeLimit, install_error_handlers
 from services.api.publisher import SubmitPublisher
 from services.api.ratelimit import SubmitLimiter
-from services.api.routes import admin, experiments, health, spec
+from services.api.routes import admin, experiments, health, queries, spec, sweeps
 from shared.db.session import make_engine
 from shared.settings import Settings, get_settings
 from shared.storage.registry import open_store
@@ -76,4 +76,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(experiments.compare_router)
     app.include_router(spec.router)
     app.include_router(admin.router)
+    app.include_router(queries.router)
+    app.include_router(sweeps.router)
     return app

@@ -12,10 +12,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-_MISSING = "<absent>"
+from shared.results import HIGHER_IS_BETTER
 
-# Metrics where larger is better; everything else (losses, error_rate) is minimised.
-HIGHER_IS_BETTER = frozenset({"accuracy", "accuracy_thresh", "fbeta"})
+_MISSING = "<absent>"
 
 
 def flatten(document: Any, prefix: str = "") -> dict[str, Any]:

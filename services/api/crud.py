@@ -14,29 +14,27 @@ import io
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import (
-    Boolean,
     ColumnElement,
     Engine,
     Table,
     bindparam,
-    cast,
     func,
     insert,
-    literal,
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from services.api.auth import Caller
 from services.api.compare import best_values, spec_differences
 from services.api.errors import Forbidden
+from services.api.queries import has_tag
 from services.api.schemas import (
     ArtifactList,
     ArtifactRead,
@@ -180,7 +178,7 @@ def _insert_submission(
             session.execute(insert(_table(SqlEvent)), [event_row])
         return
     params = {
-        **run_row,
+        **{k: v for k, v in run_row.items() if k != "sweep_id"},  # always NULL here
         "state": ExperimentState.QUEUED.value,
         "now": run_row["created_at"],
         "task": message_row["task"],
@@ -229,6 +227,59 @@ def _table(model: type[Base]) -> Table:
     return table
 
 
+def submission_rows(
+    *,
+    caller: Caller,
+    spec: ExperimentSpec,
+    document: dict[str, Any],
+    digest: str,
+    run_id: str,
+    now: datetime,
+    idempotency_key: str | None = None,
+    sweep_id: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The rows one submission writes: the run, its outbox message, its submit event."""
+    queue = spec.resources.queue
+    run_row = {
+        "id": run_id,
+        "project_id": spec.project,
+        "name": spec.name,
+        "spec": document,
+        "spec_hash": digest,
+        "state": ExperimentState.QUEUED,
+        "attempt": 0,
+        "queue": queue,
+        "priority": spec.resources.priority,
+        "submitted_by": caller.token_id,
+        "idempotency_key": idempotency_key,
+        "tags": list(spec.tags),
+        "arch": spec.model.arch,
+        "dataset": spec.data.source,
+        "created_at": now,
+        "updated_at": now,
+        "cancel_requested": False,
+        "sweep_id": sweep_id,
+    }
+    message_row = {
+        "experiment_id": run_id,
+        "task": TRAIN_TASK,
+        "queue": queue,
+        "priority": spec.resources.priority,
+        "payload": {"experiment_id": run_id},
+        "created_at": now,
+        "attempts": 0,
+    }
+    event_row = {
+        "experiment_id": run_id,
+        "kind": "submit",
+        "message": f"submitted {spec.name!r} to queue {queue!r}",
+        "data": {"idempotency_key": idempotency_key},
+        "actor": caller.token_id,
+        "created_at": now,
+    }
+    return run_row, message_row, event_row
+
+
 def submit(
     *, engine: Engine, caller: Caller, spec: ExperimentSpec, idempotency_key: str | None
 ) -> Submitted:
@@ -257,43 +308,15 @@ def submit(
         _ensure_project(engine, spec.project)
     now = utcnow()
     run_id = new_id("exp")
-    queue = spec.resources.queue
-    run_row = {
-        "id": run_id,
-        "project_id": spec.project,
-        "name": spec.name,
-        "spec": document,
-        "spec_hash": digest,
-        "state": ExperimentState.QUEUED,
-        "attempt": 0,
-        "queue": queue,
-        "priority": spec.resources.priority,
-        "submitted_by": caller.token_id,
-        "idempotency_key": idempotency_key,
-        "tags": list(spec.tags),
-        "arch": spec.model.arch,
-        "dataset": spec.data.source,
-        "created_at": now,
-        "updated_at": now,
-        "cancel_requested": False,
-    }
-    message_row = {
-        "experiment_id": run_id,
-        "task": TRAIN_TASK,
-        "queue": queue,
-        "priority": spec.resources.priority,
-        "payload": {"experiment_id": run_id},
-        "created_at": now,
-        "attempts": 0,
-    }
-    event_row = {
-        "experiment_id": run_id,
-        "kind": "submit",
-        "message": f"submitted {spec.name!r} to queue {queue!r}",
-        "data": {"idempotency_key": idempotency_key},
-        "actor": caller.token_id,
-        "created_at": now,
-    }
+    run_row, message_row, event_row = submission_rows(
+        caller=caller,
+        spec=spec,
+        document=document,
+        digest=digest,
+        run_id=run_id,
+        now=now,
+        idempotency_key=idempotency_key,
+    )
     try:
         _insert_submission(engine, run_row, message_row, event_row)
         created = ExperimentCreated(
@@ -321,16 +344,6 @@ def _visible(session: Session, caller: Caller, experiment_id: str) -> SqlExperim
     if row is None or not caller.can_see(row.project_id):
         raise NotFound(f"no experiment {experiment_id!r}")
     return row
-
-
-def _has_tag(dialect: str, tag: str) -> ColumnElement[bool]:
-    # JSON containment is spelled differently per backend: JSONB's @> on
-    # Postgres, json_each on SQLite.
-    if dialect == "postgresql":
-        wanted = cast(literal(json.dumps([tag])), JSONB)
-        return SqlExperiment.tags.op("@>", return_type=Boolean)(wanted)
-    each = func.json_each(SqlExperiment.tags).table_valued("value")
-    return select(each.c.value).where(each.c.value == tag).exists()
 
 
 def list_experiments(
@@ -367,7 +380,7 @@ def list_experiments(
         conditions.append(SqlExperiment.dataset == dataset)
     with session_scope(engine) as session:
         if tag is not None:
-            conditions.append(_has_tag(engine.dialect.name, tag))
+            conditions.append(has_tag(engine.dialect.name, tag))
         total = session.scalar(select(func.count()).select_from(SqlExperiment).where(*conditions))
         rows = session.scalars(
             select(SqlExperiment)

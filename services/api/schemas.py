@@ -211,3 +211,174 @@ class QueueList(BaseModel):
 
     queues: list[QueueRead]
     broker_error: str | None
+
+
+# --- dashboard queries: runs with their metrics, leaderboards, failures, events, sweeps -----
+
+
+class MetricSummaryRead(_Read):
+    """One metric of one run: the last value logged, the best value and where it was reached.
+
+    ``best`` follows the metric's direction (lowest loss or error, highest
+    accuracy); ``epochs`` counts the epoch rows that carried the metric.
+    """
+
+    final: float | None
+    best: float | None
+    best_stage: str | None
+    best_epoch: int | None
+    higher_is_better: bool
+    epochs: int
+
+
+class RunRow(ExperimentSummary):
+    """A run on the runs page: its summary, progress, and every metric's final and best.
+
+    ``progress`` is epochs done over the spec's total epochs (0..1); None
+    before the first epoch row.
+    """
+
+    current_stage: str | None
+    current_epoch: int | None
+    epochs_done: int
+    epochs_total: int
+    progress: float | None
+    sweep_id: str | None
+    error: str | None
+    metrics: dict[str, MetricSummaryRead]
+
+
+class RunPage(BaseModel):
+    """A page of the runs page; ``sort`` echoes how it was ordered."""
+
+    items: list[RunRow]
+    count: int
+    limit: int
+    offset: int
+    sort: str
+
+
+class LeaderboardEntry(BaseModel):
+    """One place on a leaderboard: the run and the best value it reached (not its last)."""
+
+    rank: int
+    run: RunRow
+    best: float
+    best_stage: str | None
+    best_epoch: int | None
+    final: float | None
+
+
+class Leaderboard(BaseModel):
+    """Runs ranked by the best value of one metric, for one dataset or one sweep."""
+
+    metric: str
+    higher_is_better: bool
+    dataset: str | None
+    sweep: str | None
+    count: int
+    entries: list[LeaderboardEntry]
+
+
+class DatasetRead(BaseModel):
+    """A dataset runs were trained on, how many, and which metrics they logged."""
+
+    dataset: str
+    runs: int
+    metrics: list[str]
+
+
+class DatasetList(BaseModel):
+    """Every dataset the caller's runs used (the leaderboard's picker)."""
+
+    items: list[DatasetRead]
+
+
+class FailureGroup(BaseModel):
+    """Failed runs that share a reason (ids, numbers and paths blanked out to group them)."""
+
+    reason: str
+    example: str
+    count: int
+    first_at: datetime
+    last_at: datetime
+    experiment_ids: list[str]  # the newest, at most 20
+
+
+class FailureList(BaseModel):
+    """Failed runs grouped by reason, largest group first."""
+
+    groups: list[FailureGroup]
+    total: int
+
+
+class EventRead(_Read):
+    """One entry of a run's timeline (submit, claim, stage, retry, cancel, finish)."""
+
+    id: int
+    kind: str
+    message: str
+    data: dict[str, Any]
+    actor: str | None
+    created_at: datetime
+
+
+class EventList(BaseModel):
+    """A run's events after ``after`` (for following), oldest first."""
+
+    items: list[EventRead]
+    last_id: int | None
+
+
+class CallerRead(BaseModel):
+    """Who a token is: ``GET /v1/me``."""
+
+    token_id: str | None
+    project: str | None
+    is_admin: bool
+
+
+class SweepCreate(BaseModel):
+    """``POST /v1/sweeps``: a base spec and the choices to expand it over.
+
+    ``parameters`` maps a dotted spec path (``model.arch``, ``data.size``,
+    ``stages.1.max_lr``, ``stages.*.epochs`` for every stage) to a list of
+    values, or for ``random`` also to a range ``{"low", "high", "log", "integer"}``.
+    ``grid`` makes every combination; ``random`` draws ``count`` of them with ``seed``.
+    """
+
+    name: str = Field(min_length=1, max_length=200)
+    spec: dict[str, Any]
+    strategy: str = Field("grid", pattern="^(grid|random)$")
+    parameters: dict[str, Any]
+    count: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class SweepTrial(BaseModel):
+    """One experiment of a sweep and the choices that made it."""
+
+    experiment_id: str
+    values: dict[str, Any]
+
+
+class SweepRead(BaseModel):
+    """A sweep: what it expanded and where its runs are."""
+
+    id: str
+    name: str
+    project: str
+    strategy: str
+    parameters: dict[str, Any]
+    seed: int
+    created_at: datetime
+    count: int
+    states: dict[str, int]
+    trials: list[SweepTrial]
+
+
+class SweepList(BaseModel):
+    """Sweeps the caller may see, newest first."""
+
+    items: list[SweepRead]
+    count: int

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from shared.db.base import Base, utcnow
 from shared.db.models import SqlEpochMetric, SqlLrFindPoint
+from shared.db.summaries import refresh_run_metrics
 from shared.errors import ConfigError
 from shared.results import EpochRow, LrFindResult
 
@@ -57,6 +58,9 @@ def upsert_epoch_metric(
 ) -> None:
     """Record one epoch of ``experiment_id``, replacing an earlier row for the same epoch.
 
+    The run's metric summaries (``run_metrics``) are refreshed in the same
+    transaction, so a reader never sees an epoch without its summary.
+
     Args:
         session: an open session; the caller commits (``session_scope``).
         experiment_id: the run the epoch belongs to.
@@ -78,6 +82,7 @@ def upsert_epoch_metric(
         "recorded_at": utcnow(),
     }
     _upsert(session, SqlEpochMetric, values, keys=("experiment_id", "stage", "epoch"))
+    refresh_run_metrics(session, experiment_id)
 
 
 def replace_lr_find_points(session: Session, experiment_id: str, result: LrFindResult) -> None:

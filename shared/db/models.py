@@ -140,6 +140,33 @@ class SqlApiToken(Base):
     revoked_at: Mapped[datetime | None]
 
 
+class SqlSweep(Base):
+    """A spec expanded over grid or random choices into one experiment per trial.
+
+    ``base_spec`` is the spec as sent; each trial's experiment holds its own
+    full spec, and ``trials`` records which choices made it (experiment id ->
+    {dotted path: value}), so a sweep can be read back without re-expanding.
+    """
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_project_created", "project_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), primary_key=True, default=lambda: new_id("swp")
+    )
+    project_id: Mapped[str] = mapped_column(String(64), ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    strategy: Mapped[str] = mapped_column(String(16))
+    parameters: Mapped[dict[str, Any]]
+    seed: Mapped[int] = mapped_column(BigInteger, default=0)
+    base_spec: Mapped[dict[str, Any]]
+    trials: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
+    submitted_by: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH), ForeignKey("api_tokens.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class SqlExperiment(Base):
     """One submitted experiment (a "run") and everything needed to schedule it.
 
@@ -163,6 +190,10 @@ class SqlExperiment(Base):
         Index("ix_experiments_state_created", "state", "created_at"),
         # The reconciler: running runs whose lease has expired.
         Index("ix_experiments_state_lease", "state", "lease_expires_at"),
+        # A sweep's runs (compare and leaderboard per sweep).
+        Index("ix_experiments_sweep", "sweep_id", "created_at"),
+        # Failures grouped by reason, newest first.
+        Index("ix_experiments_state_finished", "state", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(
@@ -195,6 +226,9 @@ class SqlExperiment(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    sweep_id: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH), ForeignKey("sweeps.id", ondelete="SET NULL")
+    )
 
     project: Mapped[SqlProject] = relationship()
     stages: Mapped[list[SqlStage]] = relationship(
@@ -269,6 +303,36 @@ class SqlEpochMetric(Base):
     lr: Mapped[float] = mapped_column(Float)
     batch_size: Mapped[int | None]
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SqlRunMetric(Base):
+    """One metric of one run, summarised: its last value, its best value and where.
+
+    Kept up to date with every epoch row (:func:`shared.db.summaries.refresh_run_metrics`,
+    called by the epoch upsert in the same transaction), so the runs page,
+    comparisons and leaderboards sort and rank on an indexed column instead
+    of aggregating ``epoch_metrics``: the leaderboard ranks by ``best`` (the
+    best value reached), not by the last one. ``metric`` is ``valid_loss``,
+    ``train_loss`` or a spec metric.
+    """
+
+    __tablename__ = "run_metrics"
+    __table_args__ = (
+        # Leaderboards and metric sorts: one metric, ordered by value.
+        Index("ix_run_metrics_metric_best", "metric", "best"),
+        Index("ix_run_metrics_metric_final", "metric", "final"),
+    )
+
+    experiment_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True
+    )
+    metric: Mapped[str] = mapped_column(String(64), primary_key=True)
+    final: Mapped[float | None] = mapped_column(Float)
+    best: Mapped[float | None] = mapped_column(Float)
+    best_stage: Mapped[str | None] = mapped_column(String(64))
+    best_epoch: Mapped[int | None]
+    higher_is_better: Mapped[bool] = mapped_column(default=False)
+    epochs: Mapped[int] = mapped_column(default=0)
 
 
 class SqlLrFindPoint(Base):

@@ -130,7 +130,7 @@ def test_db_upgrade_current_downgrade(
     assert runner.invoke(main, ["db", "current"]).output.strip() == "base (empty)"
     result = runner.invoke(main, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
-    assert "0001" in runner.invoke(main, ["db", "current"]).output
+    assert "0002" in runner.invoke(main, ["db", "current"]).output
     result = runner.invoke(main, ["db", "downgrade", "base"])
     assert result.exit_code == 0, result.output
     assert runner.invoke(main, ["db", "current"]).output.strip() == "base (empty)"

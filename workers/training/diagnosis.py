@@ -42,7 +42,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from shared.results import EpochRow, Finding, StageReport
+from shared.results import HIGHER_IS_BETTER, EpochRow, Finding, StageReport
 
 #: A valid loss counts as blown up only above this (the notes: "it is usually below 1").
 BLOWUP_MIN_LOSS = 1.0
@@ -62,8 +62,6 @@ OVERFIT_MIN_EPOCHS = 2
 OVERFIT_ABS_MARGIN = 0.01
 OVERFIT_REL_MARGIN = 0.10
 
-#: Metrics where higher is better; the error is 1 - value.
-_HIGHER_IS_BETTER = frozenset({"accuracy", "accuracy_thresh", "fbeta"})
 #: Metrics for which "chance" is 1 - 1/n_classes (single-label argmax metrics).
 _SINGLE_LABEL = frozenset({"error_rate", "accuracy"})
 
@@ -357,9 +355,9 @@ def _error_series(rows: list[EpochRow], error_metric: str) -> tuple[str | None, 
             if (value := row.metrics.get(name)) is not None and math.isfinite(value)
         }
         if series:
-            if name in _HIGHER_IS_BETTER:
+            if name in HIGHER_IS_BETTER:
                 series = {epoch: 1.0 - v for epoch, v in series.items()}
-            label = name if name not in _HIGHER_IS_BETTER else f"1 - {name}"
+            label = name if name not in HIGHER_IS_BETTER else f"1 - {name}"
             return label, series
     return None, {}
 

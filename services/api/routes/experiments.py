@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from services.api import crud
+from services.api import crud, queries
 from services.api.deps import CallerDep, ContextDep, EngineDep
 from services.api.errors import UnsupportedMediaType
 from services.api.publisher import NewRun
@@ -218,10 +218,18 @@ compare_router = APIRouter(prefix="/v1/compare", tags=["compare"])
 def compare(
     caller: CallerDep,
     engine: EngineDep,
-    ids: Annotated[str, Query(description="2 to 20 experiment ids, comma-separated")],
+    ids: Annotated[str | None, Query(description="2 to 20 experiment ids, comma-separated")] = None,
+    sweep: Annotated[
+        str | None, Query(max_length=40, description="or a sweep: its 20 best runs")
+    ] = None,
 ) -> Comparison:
     """Runs side by side: only the spec fields that differ, final and best metrics, curves."""
-    wanted = [part.strip() for part in ids.split(",") if part.strip()]
+    if sweep is not None and ids is None:
+        wanted = queries.sweep_run_ids(
+            engine=engine, caller=caller, sweep_id=sweep, limit=crud.MAX_COMPARED
+        )
+    else:
+        wanted = [part.strip() for part in (ids or "").split(",") if part.strip()]
     return crud.compare(engine=engine, caller=caller, ids=wanted)
 
 

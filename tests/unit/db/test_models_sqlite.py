@@ -51,6 +51,8 @@ TABLES = {
     "events",
     "workers",
     "outbox",
+    "sweeps",
+    "run_metrics",
 }
 
 SPEC: dict[str, Any] = {
@@ -124,7 +126,7 @@ def table_names(engine: Engine) -> set[str]:
 def test_upgrade_creates_every_table_at_head(db_url: str, engine: Engine) -> None:
     assert table_names(engine) == TABLES
     assert set(Base.metadata.tables) == TABLES
-    assert current(db_url) == head_revision() == "0001"
+    assert current(db_url) == head_revision() == "0002"
 
 
 def test_migrations_match_the_models(engine: Engine) -> None:
