@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from services.api.auth import Caller
-from services.api.compare import best_values, spec_differences
+from services.api.compare import spec_differences
 from services.api.errors import Forbidden
 from services.api.queries import has_tag
 from services.api.schemas import (
@@ -59,10 +59,12 @@ from shared.db.models import (
     SqlLrFindPoint,
     SqlOutbox,
     SqlProject,
+    SqlRunMetric,
     SqlStage,
     new_id,
 )
 from shared.db.session import session_scope, translate_errors
+from shared.db.summaries import stage_order
 from shared.dispatch import DEFAULT_LOST_AFTER_S
 from shared.errors import Conflict, FieldProblem, InvalidSpec, NotFound
 from shared.fleet import placement_for_run
@@ -560,28 +562,55 @@ def lr_find_curves(*, engine: Engine, caller: Caller, experiment_id: str) -> LrF
 
 
 def compare(*, engine: Engine, caller: Caller, ids: list[str]) -> Comparison:
-    """2..20 visible runs: spec differences, final and best metrics, per-epoch rows."""
+    """2..20 visible runs: spec differences, final and best metrics, per-epoch rows.
+
+    Three statements whatever the number of runs (the runs, their epoch rows,
+    their metric summaries); "best" is the summary's best value, the one the
+    leaderboards rank by.
+    """
     unique = list(dict.fromkeys(ids))
     if not 2 <= len(unique) <= MAX_COMPARED:
         raise InvalidSpec(
             [FieldProblem("query.ids", f"give 2 to {MAX_COMPARED} distinct experiment ids")]
         )
-    runs: list[ComparedRun] = []
-    specs: list[dict[str, Any]] = []
-    for experiment_id in unique:
-        epochs = list_metrics(engine=engine, caller=caller, experiment_id=experiment_id)
-        with session_scope(engine) as session:
-            row = _visible(session, caller, experiment_id)
-            summary = ExperimentSummary.model_validate(row)
-            specs.append(dict(row.spec))
-        runs.append(
-            ComparedRun(
-                experiment=summary,
-                final=epochs[-1] if epochs else None,
-                best=best_values([e.model_dump() for e in epochs]),
-                epochs=epochs,
+    with session_scope(engine) as session:
+        found = {
+            row.id: row
+            for row in session.scalars(select(SqlExperiment).where(SqlExperiment.id.in_(unique)))
+        }
+        for experiment_id in unique:
+            row = found.get(experiment_id)
+            if row is None or not caller.can_see(row.project_id):
+                raise NotFound(f"no experiment {experiment_id!r}")
+        epochs: dict[str, list[SqlEpochMetric]] = {i: [] for i in unique}
+        for metric_row in session.scalars(
+            select(SqlEpochMetric).where(SqlEpochMetric.experiment_id.in_(unique))
+        ):
+            epochs[metric_row.experiment_id].append(metric_row)
+        best: dict[str, dict[str, float]] = {i: {} for i in unique}
+        for summary in session.scalars(
+            select(SqlRunMetric).where(SqlRunMetric.experiment_id.in_(unique))
+        ):
+            if summary.best is not None:
+                best[summary.experiment_id][summary.metric] = summary.best
+        runs: list[ComparedRun] = []
+        for experiment_id in unique:
+            row = found[experiment_id]
+            position = stage_order(row.spec)
+            ordered = sorted(
+                epochs[experiment_id],
+                key=lambda r: (position.get(r.stage, len(position)), r.stage, r.epoch),
             )
-        )
+            rows = [EpochMetricRead.model_validate(r) for r in ordered]
+            runs.append(
+                ComparedRun(
+                    experiment=ExperimentSummary.model_validate(row),
+                    final=rows[-1] if rows else None,
+                    best=best[experiment_id],
+                    epochs=rows,
+                )
+            )
+        specs = [dict(found[i].spec) for i in unique]
     return Comparison(ids=unique, spec_differences=spec_differences(specs), runs=runs)
 
 
