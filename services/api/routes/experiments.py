@@ -19,6 +19,7 @@ from services.api import crud, queries
 from services.api.deps import CallerDep, ContextDep, EngineDep
 from services.api.errors import UnsupportedMediaType
 from services.api.publisher import NewRun
+from services.api.queries import MAX_OFFSET
 from services.api.schemas import (
     ArtifactList,
     Comparison,
@@ -136,7 +137,7 @@ def list_experiments(
     arch: str | None = None,
     dataset: str | None = None,
     limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = crud.DEFAULT_PAGE,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> ExperimentList:
     """Runs the caller may see, newest first; ``count`` is the total matching."""
     return crud.list_experiments(

@@ -43,7 +43,7 @@ def list_runs(
     sweep: Annotated[str | None, Query(max_length=40)] = None,
     sort: Annotated[str, Query(max_length=80, description=_SORT_HELP)] = "created",
     limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = queries.DEFAULT_PAGE,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=queries.MAX_OFFSET)] = 0,
 ) -> RunPage:
     """The runs page: runs with progress and every metric's final and best, sorted by any."""
     filters = queries.RunFilters(
@@ -104,7 +104,9 @@ def events(
     experiment_id: str,
     caller: CallerDep,
     engine: EngineDep,
-    after: Annotated[int, Query(ge=0, description="the last event id already seen")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=queries.MAX_EVENT_ID, description="the last event id already seen")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=queries.MAX_EVENTS)] = 500,
 ) -> EventList:
     """A run's timeline, oldest first; pass ``after=last_id`` to follow it."""

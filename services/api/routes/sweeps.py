@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from services.api import crud, sweeps
 from services.api.deps import CallerDep, ContextDep, EngineDep
 from services.api.publisher import NewRun
+from services.api.queries import MAX_OFFSET
 from services.api.schemas import SweepCreate, SweepList, SweepRead
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -45,7 +46,7 @@ def list_sweeps(
     engine: EngineDep,
     project: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> SweepList:
     """Sweeps the caller may see, newest first."""
     return sweeps.list_sweeps(
