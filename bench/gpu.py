@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+        if device.index is None:  # plain "cuda": older torch wants an index here
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     cudnn_before = torch.backends.cudnn.benchmark
