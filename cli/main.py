@@ -42,7 +42,27 @@ def _load_or_exit(path: Path) -> ExperimentSpec:
         sys.exit(EXIT_BAD_INPUT)
 
 
-@click.group()
+#: Commands imported only when run (or listed by --help): they pull in SQLAlchemy and
+#: Celery, which the commands that talk to a server never need (a second per call).
+_LAZY_COMMANDS = {"worker": "workers.cli", "dispatch": "workers.cli"}
+
+
+class _Main(click.Group):
+    """The ``fitfleet`` group, loading :data:`_LAZY_COMMANDS` on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS and cmd_name not in self.commands:
+            import importlib
+
+            module = importlib.import_module(_LAZY_COMMANDS[cmd_name])
+            self.add_command(getattr(module, cmd_name))
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Main)
 @click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
 def main(verbose: bool) -> None:
     """fitfleet: train image classifiers the fastai way."""
@@ -343,21 +363,22 @@ def api(host: str, port: int, workers: int) -> None:
     )
 
 
-def _client(server: str, token: str | None) -> Client:
+def _client(server: str | None, token: str | None) -> Client:
+    """A client for --server/--token, else FITFLEET_SERVER_URL/FITFLEET_TOKEN, else the config."""
     from cli.client import Client
+    from cli.config import resolve
 
-    return Client(server, token)
+    resolved = resolve(server, token)
+    return Client(resolved.server, resolved.token)
 
 
 _server_option = click.option(
     "--server",
-    envvar="FITFLEET_SERVER_URL",
-    default="http://127.0.0.1:8000",
-    show_default=True,
-    help="The API (env FITFLEET_SERVER_URL).",
+    help="The API (else env FITFLEET_SERVER_URL, else the config file, "
+    "else http://127.0.0.1:8000).",
 )
 _token_option = click.option(
-    "--token", envvar="FITFLEET_TOKEN", help="Bearer token (env FITFLEET_TOKEN)."
+    "--token", help="Bearer token (else env FITFLEET_TOKEN, else the config file)."
 )
 
 
@@ -368,16 +389,21 @@ _token_option = click.option(
 @click.option("--wait", is_flag=True, help="Follow the run: print each epoch row until it ends.")
 @click.option("--idempotency-key", help="Submitting twice with one key creates one run.")
 @click.option("--poll", default=2.0, show_default=True, help="Seconds between progress checks.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the created run as JSON (progress to stderr)."
+)
 def submit(
     spec_file: Path,
-    server: str,
+    server: str | None,
     token: str | None,
     wait: bool,
     idempotency_key: str | None,
     poll: float,
+    as_json: bool,
 ) -> None:
     """Submit SPEC_FILE to the server; with --wait, show progress until the run ends."""
     from cli.client import ApiError, ServerDown
+    from cli.config import ConfigError
 
     _load_or_exit(spec_file)  # the same checks as the server, before any network
     try:
@@ -387,26 +413,38 @@ def submit(
                 yaml=spec_file.suffix.lower() in {".yaml", ".yml"},
                 idempotency_key=idempotency_key,
             )
-            click.echo(f"{created['id']} {created['state']}")
+            if as_json:
+                click.echo(json.dumps(created, indent=2))
+            else:
+                click.echo(f"{created['id']} {created['state']}")
             if wait:
-                sys.exit(_follow(api, created["id"], poll))
+                sys.exit(_follow(api, created["id"], poll, err=as_json))
+    except ConfigError as exc:
+        err_console.print(f"[red]{exc}[/]", highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
     except ServerDown as exc:
         err_console.print(f"[red]{exc}[/]", highlight=False)
         sys.exit(EXIT_FAILED)
     except ApiError as exc:
-        what = "token refused (check --token / FITFLEET_TOKEN)" if exc.status == 401 else "refused"
+        what = (
+            "token refused (check --token / FITFLEET_TOKEN / config file)"
+            if exc.status == 401
+            else "refused"
+        )
         err_console.print(f"[red]{what}:[/] HTTP {exc.status}", highlight=False)
         for line in exc.lines():
             err_console.print(f"  {line}", highlight=False)
         sys.exit(EXIT_BAD_INPUT if exc.status in (400, 403, 413, 415, 422) else EXIT_FAILED)
 
 
-def _follow(api: Client, experiment_id: str, poll: float) -> int:
-    """Print new epoch rows as they appear; the exit code says how the run ended."""
+def _follow(api: Client, experiment_id: str, poll: float, *, err: bool = False) -> int:
+    """Print new epoch rows as they appear (to stderr with ``err``); returns the exit code."""
+    import functools
     import time
 
     from cli.client import TERMINAL
 
+    echo = functools.partial(click.echo, err=err)
     shown = 0
     state = ""
     waiting: str | None = None
@@ -414,16 +452,16 @@ def _follow(api: Client, experiment_id: str, poll: float) -> int:
         run = api.get(experiment_id)
         if run["state"] != state:
             state = run["state"]
-            click.echo(f"state: {state} (attempt {run['attempt']})")
+            echo(f"state: {state} (attempt {run['attempt']})")
         if run.get("waiting_reason") and run["waiting_reason"] != waiting:
             waiting = run["waiting_reason"]
-            click.echo(f"waiting: {waiting}")
+            echo(f"waiting: {waiting}")
         rows = api.metrics(experiment_id)
         for row in rows[shown:]:
             metrics = "  ".join(
                 f"{k} {v:.6f}" for k, v in sorted(row["metrics"].items()) if v is not None
             )
-            click.echo(
+            echo(
                 f"{row['stage']} epoch {row['epoch']}: train_loss {row['train_loss']} "
                 f"valid_loss {row['valid_loss']}  {metrics}"
             )
@@ -524,10 +562,12 @@ def demo() -> None:
         stack.stop()
 
 
-from workers.cli import dispatch, worker  # noqa: E402  (the commands are defined there)
+from cli.remote import COMMANDS, TOKEN_COMMANDS  # noqa: E402  (ls, show, watch, logs, ...)
 
-main.add_command(worker)
-main.add_command(dispatch)
+for _command in COMMANDS:
+    main.add_command(_command)
+for _command in TOKEN_COMMANDS:
+    token.add_command(_command)
 
 if __name__ == "__main__":
     main()

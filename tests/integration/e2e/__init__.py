@@ -1,0 +1,1 @@
+"""End-to-end tests on the whole service: a real API server, workers and finished runs."""
