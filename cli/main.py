@@ -510,6 +510,10 @@ def up(port: int | None, queues: str) -> None:
     click.echo(f"database {settings.database_url}, broker {settings.broker_url}")
     click.echo(f"artifacts {settings.artifacts_url}, logs {stack.logs}")
     click.echo("create a token: fitfleet token create --project default")
+    click.echo(
+        f"dashboard: {stack.url}/dashboard (sign in with an admin token: "
+        "fitfleet token create --admin)"
+    )
     try:
         while True:
             stack.check()
@@ -551,12 +555,16 @@ def demo() -> None:
             run_id = created["id"]
             click.echo(f"submitted {run_id} to {stack.url}; following it")
             code = _follow(api, run_id, 1.0)
-            result = api._call("GET", f"/v1/experiments/{run_id}/interpretation")
+            result = api.interpretation(run_id)
         click.echo("\nfindings")
         for finding in result.get("findings", []) or [{"message": "none: the run looks healthy"}]:
             click.echo(f"  {finding.get('severity', '').upper():8} {finding['message']}")
         artifacts = settings.artifacts_url.removeprefix("file://")
         click.echo(f"\nplots and report: {artifacts}/runs/{run_id}/")
+        click.echo(
+            "to browse it: `./dev fitfleet up`, then open the dashboard URL it prints "
+            f"(`fitfleet show {run_id}` from another terminal)"
+        )
         sys.exit(code)
     finally:
         stack.stop()

@@ -25,6 +25,10 @@ def test_live_stack_has_finished_runs_live_workers_and_epoch_rows(live_stack: Li
         assert "learning rate is too high" in (failed["error"] or ""), failed
         lr_find = http.get(f"/v1/experiments/{live_stack.run_ids[2]}/lr-find")
         assert lr_find.status_code == 200, lr_find.text
+        (curve,) = lr_find.json()["stages"]
+        assert curve["stage"] == "stage-2"
+        assert curve["method"] == "steep"
+        assert curve["suggestion"] is not None, curve  # enough points left after the trim
 
     with live_stack.client() as http:
         workers = http.get("/v1/admin/workers")
