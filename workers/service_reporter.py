@@ -40,11 +40,16 @@ from sqlalchemy import Engine, Select, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.base import utcnow
-from shared.db.metrics import replace_lr_find_points, upsert_epoch_metric
+from shared.db.metrics import (
+    record_stage_reports,
+    replace_lr_find_points,
+    upsert_epoch_metric,
+    upsert_stage,
+)
 from shared.db.models import SqlArtifact, SqlEvent, SqlExperiment
 from shared.db.session import session_scope
 from shared.errors import BackendUnavailable, StorageError
-from shared.results import EpochRow, LrFindResult
+from shared.results import EpochRow, LrFindResult, Report
 from shared.runs import renew_lease
 from shared.storage.base import ArtifactStore, StoredObject, StoreUnreachable, sha256_file
 from shared.storage.layout import run_key
@@ -258,8 +263,13 @@ class ServiceReporter:
         self._write("recording an event", work)
 
     def on_stage_start(self, stage: str, index: int, epochs: int, batches_per_epoch: int) -> None:
-        """Show the stage as current at once, not only after its first epoch."""
-        self._write("recording a stage start", lambda s: self._set_progress(s, stage, None))
+        """Show the stage as current at once, not only after its first epoch; note its start."""
+
+        def work(session: Session) -> None:
+            self._set_progress(session, stage, None)
+            upsert_stage(session, self.experiment_id, stage, started_at=self.now())
+
+        self._write("recording a stage start", work)
 
     def on_batch(self, stage: str, epoch: int, batch: int, batches: int, loss: float) -> None:
         """Nothing: a database write per batch would cost more than it tells."""
@@ -285,12 +295,26 @@ class ServiceReporter:
 
         While the store is unreachable the upload waits its turn (see the module doc).
         """
+        if kind == "report":
+            self._record_stages(Path(path))
         self._uploads.append((kind, Path(path)))
         if kind == "checkpoint":
             # After the checkpoint, so the stored pointer never names a file the
             # store does not have yet.
             self._uploads.append(("checkpoint", self.run_dir / LATEST_POINTER))
         self.flush_uploads(force=True)
+
+    def _record_stages(self, report_path: Path) -> None:
+        """Each stage's outcome from report.json into ``stages`` (the API reads it there)."""
+        try:
+            report = Report.model_validate_json(report_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s for its stages: %s", report_path, exc)
+            return
+        self._write(
+            "recording the stages' outcome",
+            lambda s: record_stage_reports(s, self.experiment_id, report.stages),
+        )
 
     def flush_uploads(self, *, force: bool = False) -> bool:
         """Send held uploads in order; True when none is left.

@@ -12,15 +12,15 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.db.base import Base, utcnow
-from shared.db.models import SqlEpochMetric, SqlLrFindPoint
+from shared.db.models import SqlEpochMetric, SqlExperiment, SqlLrFindPoint, SqlStage
 from shared.db.summaries import refresh_run_metrics
 from shared.errors import ConfigError
-from shared.results import EpochRow, LrFindResult
+from shared.results import EpochRow, LrFindResult, StageReport
 
 
 def _finite(value: float | None) -> float | None:
@@ -86,7 +86,7 @@ def upsert_epoch_metric(
 
 
 def replace_lr_find_points(session: Session, experiment_id: str, result: LrFindResult) -> None:
-    """Store a stage's LR-finder curve, replacing the curve of an earlier attempt.
+    """Store a stage's LR-finder curve and suggestion, replacing an earlier attempt's.
 
     Replaced rather than upserted: a rerun may stop after fewer steps, and
     the old tail must not survive.
@@ -109,3 +109,57 @@ def replace_lr_find_points(session: Session, experiment_id: str, result: LrFindR
     ]
     if points:
         session.execute(insert(SqlLrFindPoint), points)
+    upsert_stage(
+        session,
+        experiment_id,
+        result.stage,
+        lr_suggestion=_finite(result.suggestion),
+        lr_suggest_method=result.suggest_method,
+    )
+
+
+def upsert_stage(session: Session, experiment_id: str, name: str, **values: Any) -> None:
+    """Create or update one stage's row with ``values`` (columns of ``stages``).
+
+    ``position``, ``train``, ``epochs`` and ``schedule`` come from the run's
+    spec, so any of the engine's calls (the LR finder runs before the stage
+    starts) can be the first to write the row; columns not in ``values`` keep
+    what an earlier call wrote.
+    """
+    spec = session.scalar(select(SqlExperiment.spec).where(SqlExperiment.id == experiment_id))
+    declared = [s for s in (spec or {}).get("stages") or [] if isinstance(s, Mapping)]
+    position = next((i for i, s in enumerate(declared) if s.get("name") == name), len(declared))
+    stage: Mapping[str, Any] = declared[position] if position < len(declared) else {}
+    row = {
+        "experiment_id": experiment_id,
+        "name": name,
+        "position": position,
+        "train": str(stage.get("train", "head")),
+        "epochs": int(stage.get("epochs", 0)),
+        "schedule": str(stage.get("schedule", "one_cycle")),
+        **values,
+    }
+    _upsert(session, SqlStage, row, keys=("experiment_id", "name"))
+
+
+def record_stage_reports(
+    session: Session, experiment_id: str, stages: Sequence[StageReport]
+) -> None:
+    """Copy each stage's outcome from the run's report into ``stages`` (kept, reverted, ...)."""
+    for stage in stages:
+        values: dict[str, Any] = {
+            "train": stage.train,
+            "epochs": stage.epochs,
+            "schedule": stage.schedule,
+            "lrs": [float(lr) for lr in stage.lrs],
+            "kept": stage.kept,
+            "kept_epoch": stage.kept_epoch,
+            "reverted": stage.reverted,
+            "diverged": stage.diverged,
+            "trainable_params": stage.trainable_params,
+            "seconds": stage.seconds,
+        }
+        if stage.lr_find is not None:
+            values["lr_suggestion"] = _finite(stage.lr_find.suggestion)
+            values["lr_suggest_method"] = stage.lr_find.suggest_method
+        upsert_stage(session, experiment_id, stage.name, **values)

@@ -70,3 +70,74 @@ def test_upgrade_backfills_run_metrics_from_epoch_rows(tmp_path: Path) -> None:
 def test_summarise_skips_missing_values_for_best_but_keeps_them_final() -> None:
     out = summarise([("s", 0, {"valid_loss": 0.5}), ("s", 1, {"valid_loss": None})])
     assert (out["valid_loss"].best, out["valid_loss"].final) == (0.5, None)
+
+
+def test_the_lr_finder_and_the_report_fill_the_stage_rows(tmp_path: Path) -> None:
+    from shared.db.metrics import record_stage_reports, replace_lr_find_points, upsert_stage
+    from shared.db.models import SqlExperiment, SqlProject, SqlStage
+    from shared.results import LrFindResult, StageReport
+
+    url = f"sqlite:///{tmp_path / 'stages.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    spec = {
+        "stages": [
+            {"name": "head", "train": "head", "epochs": 2, "schedule": "one_cycle"},
+            {"name": "all", "train": "all", "epochs": 3, "schedule": "constant"},
+        ]
+    }
+    with session_scope(engine) as session:
+        session.add(SqlProject(id="p"))
+        session.flush()
+        session.add(
+            SqlExperiment(
+                id="exp_s",
+                project_id="p",
+                name="s",
+                spec=spec,
+                spec_hash="0",
+                queue="gpu",
+                priority=5,
+                arch="resnet18",
+                dataset="digits",
+            )
+        )
+        session.flush()
+        # The finder runs before its stage starts: its write creates the row.
+        replace_lr_find_points(
+            session,
+            "exp_s",
+            LrFindResult(
+                stage="all",
+                lrs=[1e-5, 1e-3],
+                losses=[1.0, 0.5],
+                suggestion=1e-3,
+                suggest_method="steep",
+                min_loss_lr_div10=1e-4,
+                stopped_early=False,
+            ),
+        )
+        upsert_stage(session, "exp_s", "all", started_at=None)
+        record_stage_reports(
+            session,
+            "exp_s",
+            [
+                StageReport(
+                    name="all",
+                    train="all",
+                    epochs=3,
+                    schedule="constant",
+                    lrs=[1e-4, 1e-3],
+                    kept="best",
+                    kept_epoch=1,
+                    seconds=2.5,
+                )
+            ],
+        )
+    with session_scope(engine) as session:
+        row = session.get(SqlStage, ("exp_s", "all"))
+        assert row is not None
+        assert (row.position, row.train, row.epochs, row.schedule) == (1, "all", 3, "constant")
+        assert (row.lr_suggestion, row.lr_suggest_method) == (1e-3, "steep")
+        assert (row.kept, row.kept_epoch, row.lrs, row.seconds) == ("best", 1, [1e-4, 1e-3], 2.5)
+    engine.dispose()

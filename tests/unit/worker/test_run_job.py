@@ -199,6 +199,12 @@ def test_success_records_epochs_and_artifacts(finished: tuple[Env, str]) -> None
         assert (row.current_stage, row.current_epoch) == ("stage-2", 1)
         # The job never ends the run: the supervisor releases it.
         assert row.state == ExperimentState.RUNNING
+        # Each stage's outcome is in ``stages`` (the API's lr-find and epoch order read it).
+        stages = [(s.name, s.position, s.train, s.epochs, s.lrs, s.kept) for s in row.stages]
+        assert stages == [
+            (r.name, i, r.train, r.epochs, r.lrs, r.kept) for i, r in enumerate(report.stages)
+        ]
+        assert all(s.started_at is not None and s.seconds > 0 for s in row.stages)
 
 
 def test_cancel_requested_stops_with_a_checkpoint(env: Env) -> None:
