@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.api import dashboard
 from services.api.auth import TokenCache
 from services.api.deps import AppContext
 from services.api.errors import MAX_BODY_BYTES, BodySizeLimit, install_error_handlers
@@ -78,4 +79,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(queries.router)
     app.include_router(sweeps.router)
+    dashboard.install(app)  # /dashboard pages and /dashboard/static files
     return app

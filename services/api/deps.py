@@ -67,12 +67,34 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 _bearer = HTTPBearer(auto_error=False, description="an API token: ff_...")
 
 
+#: The dashboard's session cookie: an admin token, set by ``POST /dashboard/login``
+#: (HttpOnly, SameSite=Strict); see :mod:`services.api.dashboard.routes`.
+SESSION_COOKIE = "fitfleet_session"
+
+#: Methods that only read: the only ones the session cookie may authenticate.
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
 async def get_caller(
+    request: Request,
     context: ContextDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    """The authenticated caller, or a 401 (a recently checked token skips the database)."""
+    """The authenticated caller, or a 401 (a recently checked token skips the database).
+
+    The token comes from the Authorization header; without that header, a
+    GET or HEAD may use the dashboard's session cookie instead.
+    """
     secret = credentials.credentials if credentials else None
+    if "authorization" not in request.headers and request.method in SAFE_METHODS:
+        # CSRF: a browser attaches cookies to requests other sites make (a form
+        # posted from evil.example to /v1/experiments/{id}/cancel carries the
+        # cookie; SameSite=Strict is a second line, not one to rely on alone).
+        # The cookie is therefore honoured only for methods that change
+        # nothing; every write needs the Authorization header, which no other
+        # site can make a browser send. A present header always wins, so a bad
+        # header is a 401 even with a good cookie.
+        secret = request.cookies.get(SESSION_COOKIE) or None
     if secret:
         cached = context.tokens.get(secret)
         if cached is not None:
