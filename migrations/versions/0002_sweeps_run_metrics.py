@@ -6,10 +6,11 @@ Create Date: 2026-11-30 10:40:00
 
 Adds ``sweeps``, ``experiments.sweep_id`` and ``run_metrics`` (one row per run
 and metric: final value, best value and where), plus the indexes the
-dashboard's queries use. Existing runs get their ``run_metrics`` rows from
-their epoch rows here, so the leaderboards include runs trained before the
-upgrade. ``experiments`` gains a column and a foreign key through batch mode
-(SQLite rebuilds the table; Postgres alters it in place).
+dashboard's queries use (measured with ``bench/dashboard.py``). Existing runs
+get their ``run_metrics`` rows from their epoch rows here, so the leaderboards
+include runs trained before the upgrade. ``experiments`` gains a column and a
+foreign key through batch mode (SQLite rebuilds the table; Postgres alters it
+in place).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def upgrade() -> None:
         )
     op.create_index("ix_experiments_sweep", "experiments", ["sweep_id", "created_at"])
     op.create_index("ix_experiments_state_finished", "experiments", ["state", "finished_at"])
+    op.create_index("ix_experiments_created", "experiments", ["created_at", "id"])
     op.create_table(
         "run_metrics",
         sa.Column("experiment_id", sa.String(length=40), nullable=False),
@@ -87,6 +89,12 @@ def upgrade() -> None:
     )
     op.create_index("ix_run_metrics_metric_best", "run_metrics", ["metric", "best"])
     op.create_index("ix_run_metrics_metric_final", "run_metrics", ["metric", "final"])
+    op.create_index(
+        "ix_run_metrics_metric_run",
+        "run_metrics",
+        ["metric", "experiment_id"],
+        postgresql_include=["best", "final"],
+    )
     _backfill_run_metrics()
 
 
@@ -162,6 +170,7 @@ def _backfill_run_metrics() -> None:
 def downgrade() -> None:
     """Drop run_metrics, the sweep link and sweeps (the summaries are derived data)."""
     op.drop_table("run_metrics")
+    op.drop_index("ix_experiments_created", table_name="experiments")
     op.drop_index("ix_experiments_state_finished", table_name="experiments")
     op.drop_index("ix_experiments_sweep", table_name="experiments")
     with op.batch_alter_table("experiments") as batch:

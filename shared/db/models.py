@@ -192,6 +192,8 @@ class SqlExperiment(Base):
         Index("ix_experiments_state_lease", "state", "lease_expires_at"),
         # A sweep's runs (compare and leaderboard per sweep).
         Index("ix_experiments_sweep", "sweep_id", "created_at"),
+        # The runs page across projects (an admin), newest first.
+        Index("ix_experiments_created", "created_at", "id"),
         # Failures grouped by reason, newest first.
         Index("ix_experiments_state_finished", "state", "finished_at"),
     )
@@ -321,6 +323,13 @@ class SqlRunMetric(Base):
         # Leaderboards and metric sorts: one metric, ordered by value.
         Index("ix_run_metrics_metric_best", "metric", "best"),
         Index("ix_run_metrics_metric_final", "metric", "final"),
+        # Counting a leaderboard's runs: an index-only scan joined on the run id.
+        Index(
+            "ix_run_metrics_metric_run",
+            "metric",
+            "experiment_id",
+            postgresql_include=["best", "final"],
+        ),
     )
 
     experiment_id: Mapped[str] = mapped_column(

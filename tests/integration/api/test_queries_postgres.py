@@ -26,6 +26,7 @@ from tests.unit.api.test_queries import (  # noqa: F401  (collected here, on Pos
     test_events_follow_after_an_id,
     test_failures_grouped_by_reason,
     test_leaderboard_ranks_by_best_value_not_last,
+    test_metric_sorts_page_through_runs_with_and_without_a_value,
     test_runs_filters_and_visibility,
     test_runs_sorted_by_best_and_final_metric_with_progress,
 )

@@ -156,6 +156,28 @@ def test_runs_sorted_by_best_and_final_metric_with_progress(api: Api) -> None:
     assert api.get("/v1/runs")["items"][0]["id"] == c  # default: newest first
 
 
+def test_metric_sorts_page_through_runs_with_and_without_a_value(api: Api) -> None:
+    runs = [api.submit(f"r{i}") for i in range(5)]
+    for i, run in enumerate(runs[:3]):  # errors 0.3, 0.2, 0.1; runs[3:] have none
+        api.epochs(run, ("stage-1", 0, 0.5, 0.3 - 0.1 * i))
+    for sort, expected in [
+        ("best:error_rate", [runs[2], runs[1], runs[0], runs[4], runs[3]]),
+        ("-best:error_rate", [runs[0], runs[1], runs[2], runs[4], runs[3]]),
+        ("final:accuracy", [runs[2], runs[1], runs[0], runs[4], runs[3]]),
+    ]:
+        whole = [r["id"] for r in api.get("/v1/runs", sort=sort)["items"]]
+        assert whole == expected, sort
+        for size in (1, 2, 3):
+            paged = [
+                r["id"]
+                for offset in range(0, 6, size)
+                for r in api.get("/v1/runs", sort=sort, limit=size, offset=offset)["items"]
+            ]
+            assert paged == expected, (sort, size)
+    assert api.get("/v1/runs", sort="best:error_rate", offset=9)["items"] == []
+    assert api.get("/v1/runs", sort="best:error_rate", offset=4)["count"] == 5
+
+
 def test_runs_filters_and_visibility(api: Api) -> None:
     mine = api.submit("mine")
     api.submit("theirs", who="audio")
