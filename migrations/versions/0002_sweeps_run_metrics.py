@@ -69,6 +69,7 @@ def upgrade() -> None:
     op.create_index("ix_experiments_sweep", "experiments", ["sweep_id", "created_at"])
     op.create_index("ix_experiments_state_finished", "experiments", ["state", "finished_at"])
     op.create_index("ix_experiments_created", "experiments", ["created_at", "id"])
+    op.create_index("ix_experiments_dataset_id", "experiments", ["dataset", "id"])
     op.create_table(
         "run_metrics",
         sa.Column("experiment_id", sa.String(length=40), nullable=False),
@@ -170,6 +171,7 @@ def _backfill_run_metrics() -> None:
 def downgrade() -> None:
     """Drop run_metrics, the sweep link and sweeps (the summaries are derived data)."""
     op.drop_table("run_metrics")
+    op.drop_index("ix_experiments_dataset_id", table_name="experiments")
     op.drop_index("ix_experiments_created", table_name="experiments")
     op.drop_index("ix_experiments_state_finished", table_name="experiments")
     op.drop_index("ix_experiments_sweep", table_name="experiments")

@@ -7,6 +7,7 @@ own database. Importing this module must never load torch (a test checks).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -51,6 +52,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Everything imported and built so far lives as long as the process:
+        # moved out of the collector's sight, a full collection no longer
+        # walks ~130,000 objects. Measured on the runs page: a ~100 ms pause
+        # about every 40 requests before, none after (bench/dashboard.py).
+        gc.collect()
+        gc.freeze()
         yield
         if publisher is not None:
             publisher.close()

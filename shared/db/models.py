@@ -194,6 +194,8 @@ class SqlExperiment(Base):
         Index("ix_experiments_sweep", "sweep_id", "created_at"),
         # The runs page across projects (an admin), newest first.
         Index("ix_experiments_created", "created_at", "id"),
+        # A dataset's runs in id order: a leaderboard's count merge-joins run_metrics.
+        Index("ix_experiments_dataset_id", "dataset", "id"),
         # Failures grouped by reason, newest first.
         Index("ix_experiments_state_finished", "state", "finished_at"),
     )
