@@ -103,8 +103,7 @@ def _backfill_run_metrics() -> None:
     # The summarising rule is the application's (shared.db.summaries), applied
     # to plain rows here: a summary that disagreed with what the next epoch
     # upsert writes would be worse than a revision that depends on it.
-    from shared.db.summaries import summarise
-    from shared.results import higher_is_better
+    from shared.db.summaries import summarise, summary_rows
 
     bind = op.get_bind()
     experiments = sa.table("experiments", sa.column("id"), sa.column("spec", JSON))
@@ -150,22 +149,7 @@ def _backfill_run_metrics() -> None:
             for r in rows
         )
         if summaries:
-            bind.execute(
-                run_metrics.insert(),
-                [
-                    {
-                        "experiment_id": run_id,
-                        "metric": name,
-                        "final": s.final,
-                        "best": s.best,
-                        "best_stage": s.best_stage,
-                        "best_epoch": s.best_epoch,
-                        "higher_is_better": higher_is_better(name),
-                        "epochs": s.epochs,
-                    }
-                    for name, s in summaries.items()
-                ],
-            )
+            bind.execute(run_metrics.insert(), summary_rows(run_id, summaries))
 
 
 def downgrade() -> None:

@@ -92,19 +92,23 @@ def refresh_run_metrics(session: Session, experiment_id: str) -> None:
     summaries = summarise(ordered_rows(rows, spec or {}))
     session.execute(delete(SqlRunMetric).where(SqlRunMetric.experiment_id == experiment_id))
     if summaries:
-        session.execute(
-            insert(SqlRunMetric),
-            [
-                {
-                    "experiment_id": experiment_id,
-                    "metric": name,
-                    "final": s.final,
-                    "best": s.best,
-                    "best_stage": s.best_stage,
-                    "best_epoch": s.best_epoch,
-                    "higher_is_better": higher_is_better(name),
-                    "epochs": s.epochs,
-                }
-                for name, s in summaries.items()
-            ],
-        )
+        session.execute(insert(SqlRunMetric), summary_rows(experiment_id, summaries))
+
+
+def summary_rows(
+    experiment_id: str, summaries: Mapping[str, MetricSummary]
+) -> list[dict[str, Any]]:
+    """The ``run_metrics`` rows of one run (also what migration 0002 backfills)."""
+    return [
+        {
+            "experiment_id": experiment_id,
+            "metric": name,
+            "final": s.final,
+            "best": s.best,
+            "best_stage": s.best_stage,
+            "best_epoch": s.best_epoch,
+            "higher_is_better": higher_is_better(name),
+            "epochs": s.epochs,
+        }
+        for name, s in summaries.items()
+    ]
