@@ -41,6 +41,27 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PRETRAINED = re.compile(r"^(imagenet|none|run:[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)?)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+# What the validators below check, also written into the published JSON Schema
+# so editors flag it as people type. Keywords of JSON Schema apply to their
+# own type only ("pattern" to strings, "minimum" to numbers, "items" to
+# arrays), so one set of them fits a field that takes several types.
+_SIZE_SCHEMA: dict[str, Any] = {
+    "minimum": 8,
+    "maximum": 4096,
+    "items": {"minimum": 8, "maximum": 4096},
+}
+_DROPOUT_SCHEMA: dict[str, Any] = {
+    "minimum": 0,
+    "exclusiveMaximum": 1,
+    "items": {"minimum": 0, "exclusiveMaximum": 1},
+}
+_MAX_LR_SCHEMA: dict[str, Any] = {
+    "exclusiveMinimum": 0,
+    "items": {"exclusiveMinimum": 0},
+    "minItems": 1,
+    "maxItems": 2,
+}
+
 
 class _Model(BaseModel):
     """Base for every spec part: unknown keys forbidden, values frozen."""
@@ -284,7 +305,7 @@ class Data(_Model):
     labels: Labels = Field(default_factory=FolderLabels)
     split: Split | None = None
     test: str | None = None
-    size: int | tuple[int, int] = 224
+    size: int | tuple[int, int] = Field(224, json_schema_extra=_SIZE_SCHEMA)
     resize: Literal["crop", "pad", "squish"] | None = None
     batch_size: int = Field(64, ge=1, le=65536)
     augment: Literal["default", "none"] | Augment = "default"
@@ -374,7 +395,7 @@ class Data(_Model):
 class Head(_Model):
     """fastai's ``create_head`` parameters."""
 
-    ps: float | list[float] = 0.5
+    ps: float | list[float] = Field(0.5, json_schema_extra=_DROPOUT_SCHEMA)
     lin_ftrs: list[int] = Field(default_factory=lambda: [512])
     concat_pool: bool = True
     bn_final: bool = False
@@ -400,7 +421,7 @@ class ModelSpec(_Model):
     """Which network: a torchvision body with fastai's head."""
 
     arch: Architecture = "resnet34"
-    pretrained: str = "imagenet"
+    pretrained: str = Field("imagenet", json_schema_extra={"pattern": _PRETRAINED.pattern})
     head: Head = Field(default_factory=Head)
 
     @field_validator("pretrained")
@@ -443,10 +464,12 @@ class LrFind(_Model):
 class Stage(_Model):
     """One fit call: what trains, for how long, at which learning rates."""
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": _NAME.pattern})
     train: Literal["head", "all"] = "head"
     epochs: int = Field(ge=1, le=10000)
-    max_lr: float | list[float] | Literal["suggested"] | None = None
+    max_lr: float | list[float] | Literal["suggested"] | None = Field(
+        None, json_schema_extra=_MAX_LR_SCHEMA
+    )
     lr_find: bool | LrFind = False
     keep: Literal["last", "best", "better"] = "last"
     schedule: Literal["one_cycle", "constant"] = "one_cycle"
@@ -515,7 +538,7 @@ class Resources(_Model):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     priority: int = Field(5, ge=0, le=9)
     max_restarts: int = Field(3, ge=0, le=100)
-    timeout: str | int = "6h"
+    timeout: str | int = Field("6h", json_schema_extra={"pattern": _DURATION.pattern, "minimum": 1})
 
     @field_validator("timeout")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -295,3 +296,52 @@ def test_catastrophic_label_regexes_are_refused(pattern: str, refused: bool) -> 
     (problem,) = caught.value.problems
     assert problem.path == "data.labels.pattern"
     assert "exponential" in problem.message
+
+
+_SCHEMA_BASE: dict[str, Any] = {
+    "version": 1,
+    "name": "schema",
+    "data": {"source": "digits", "size": 28},
+    "model": {"arch": "resnet18", "pretrained": "none", "head": {"ps": 0.5}},
+    "stages": [{"name": "stage-1", "epochs": 1, "max_lr": 1e-3}],
+    "resources": {"timeout": "6h"},
+}
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("stages", 0, "name"), "bad name!"),
+        (("model", "pretrained"), "imagenet21k"),
+        (("resources", "timeout"), "6 weeks"),
+        (("resources", "timeout"), 0),
+        (("data", "size"), 4),
+        (("data", "size"), [28, 5000]),
+        (("model", "head", "ps"), 1.0),
+        (("stages", 0, "max_lr"), -1.0),
+        (("stages", 0, "max_lr"), [1e-4, 1e-3, 1e-2]),
+        (("stages", 0, "max_lr"), [0.0, 1e-3]),
+    ],
+)
+def test_the_json_schema_refuses_what_the_validators_refuse(
+    where: tuple[str | int, ...], value: Any
+) -> None:
+    """Editors check specs against the published schema: it must not be looser."""
+    import copy
+
+    import jsonschema
+
+    from shared.spec_io import validate_spec
+
+    schema = spec_json_schema()
+    jsonschema.validate(_SCHEMA_BASE, schema)  # the base is fine both ways
+    validate_spec(copy.deepcopy(_SCHEMA_BASE))
+    document = copy.deepcopy(_SCHEMA_BASE)
+    target: Any = document
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    with pytest.raises(InvalidSpec):
+        validate_spec(copy.deepcopy(document))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(document, schema)

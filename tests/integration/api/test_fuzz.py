@@ -41,7 +41,8 @@ pytestmark = pytest.mark.integration
 
 MAX_EXAMPLES = 25
 # 403: a generated "project" other than the token's (submitting into another project).
-SUBMIT_STATUSES = {200, 201, 403, 413, 415, 422}
+# 409: a generated Idempotency-Key can repeat with another spec, which is refused.
+SUBMIT_STATUSES = {200, 201, 403, 409, 413, 415, 422}
 VALID_SPEC: dict[str, Any] = {
     "version": 1,
     "name": "fuzz-base",
@@ -124,6 +125,8 @@ def _check_submit_answer(target: Target, response: Any, before: tuple[int, int])
         body = response.json()
         assert isinstance(body.get("error"), str) and body["error"], body
         assert isinstance(body.get("message"), str) and body["message"], body
+    if status == 409:
+        assert body["error"] == "conflict" and "Idempotency-Key" in body["message"], body
     if status == 422:
         problems = body.get("problems")
         assert isinstance(problems, list) and problems, body
