@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, select
 
 from services.api.auth import Caller
+from services.api.crud import spec_hash, submission_rows
 from services.api.errors import Forbidden
 from services.api.schemas import SweepCreate, SweepList, SweepRead, SweepTrial
 from shared.db.base import utcnow
@@ -199,8 +200,6 @@ def create(
     *, engine: Engine, caller: Caller, request: SweepCreate, trials: list[Trial]
 ) -> SweepRead:
     """Write the sweep and one run per trial (with outbox messages) in one transaction."""
-    from services.api.crud import spec_hash, submission_rows  # crud imports this module's peers
-
     project = trials[0].spec.project
     if not caller.can_see(project):
         raise Forbidden(
@@ -283,9 +282,7 @@ def get(*, engine: Engine, caller: Caller, sweep_id: str) -> SweepRead:
                 .group_by(SqlExperiment.state)
             ).all()
         )
-        return _read(
-            sweep, {str(k.value if hasattr(k, "value") else k): v for k, v in states.items()}
-        )
+        return _read(sweep, {str(k): v for k, v in states.items()})
 
 
 def list_sweeps(

@@ -24,8 +24,8 @@ from shared.db.models import ExperimentState, SqlEvent, SqlExperiment, SqlRunMet
 from shared.db.session import make_engine, session_scope
 from shared.db.upgrade import upgrade
 from shared.errors import InvalidSpec
-from shared.results import EpochRow
 from shared.settings import Settings
+from tests.unit.api.test_compare import row
 
 
 class Api:
@@ -76,19 +76,6 @@ def spec(
         ],
         "resources": {"gpus": 0},
     }
-
-
-def row(stage: str, epoch: int, valid: float, error: float) -> EpochRow:
-    return EpochRow(
-        stage=stage,
-        epoch=epoch,
-        train_loss=valid + 0.1,
-        valid_loss=valid,
-        metrics={"error_rate": error, "accuracy": 1 - error},
-        seconds=1.0,
-        images_per_second=100.0,
-        lr=1e-3,
-    )
 
 
 def make_api(url: str, tmp_path: Path) -> Iterator[Api]:
